@@ -1,0 +1,169 @@
+"""The `langid` command: thin argument parsing over the library; each job in jobs/ calls into it."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from langid.config import ARCHITECTURES, FeatureConfig
+
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing input); printed as one line, exit status 2."""
+
+
+def _add_ray_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray")
+    g.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start Ray embedded)")
+    g.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: all)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_feature_flags(p: argparse.ArgumentParser) -> None:
+    d = FeatureConfig()
+    g = p.add_argument_group("features (saved in the store; training and labeling reuse them)")
+    g.add_argument("--sample-rate", type=int, default=d.sample_rate, help="target rate in Hz (default %(default)s)")
+    g.add_argument("--window-seconds", type=float, default=d.window_seconds, help="window length (default %(default)s)")
+    g.add_argument("--n-fft", type=int, default=d.n_fft, help="STFT size in samples (default %(default)s)")
+    g.add_argument("--hop-length", type=int, default=d.hop_length, help="STFT hop in samples (default %(default)s)")
+    g.add_argument("--n-mels", type=int, default=d.n_mels, help="mel bands (default %(default)s)")
+    g.add_argument("--fmin", type=float, default=d.fmin, help="lowest mel frequency (default %(default)s)")
+    g.add_argument("--fmax", type=float, default=d.fmax, help="highest mel frequency (default %(default)s)")
+
+
+def _feature_config(a: argparse.Namespace) -> FeatureConfig:
+    return FeatureConfig(sample_rate=a.sample_rate, window_seconds=a.window_seconds, n_fft=a.n_fft,
+                         hop_length=a.hop_length, n_mels=a.n_mels, fmin=a.fmin, fmax=a.fmax)
+
+
+def cmd_preprocess(a: argparse.Namespace) -> int:
+    from langid.preprocess import run_preprocess
+    from langid.runtime import init_ray, quiet_ray_data
+
+    cfg = _feature_config(a)
+    how = init_ray(a.address, a.num_cpus)
+    quiet_ray_data()
+    if not a.quiet:
+        print(f"langid preprocess: {how}", file=sys.stderr)
+    res = run_preprocess(a.input, a.output, cfg, a.format, a.valid_fraction, a.seed, a.png, a.batch_size,
+                         a.cpus_per_task, a.max_seconds, progress=not a.quiet)
+    print(res.summary())
+    for path, reason in res.errors[:10]:
+        print(f"  failed: {path}: {reason}")
+    if len(res.errors) > 10:
+        print(f"  ... and {len(res.errors) - 10} more in {a.output}/errors")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(eval_fraction(x)) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def eval_fraction(x: str) -> float:
+    num, _, den = x.strip().partition("/")
+    return float(num) / float(den) if den else float(num)
+
+
+def _three(name: str, values: list[float]) -> list[float]:
+    if len(values) != 3:
+        raise UserError(f"{name} takes three comma-separated values (one per stage), got {len(values)}")
+    return values
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from langid.model import default_device
+    from langid.runtime import init_ray
+    from langid.training import TrainConfig, default_schedule, lr_find, run_training
+
+    epochs = [int(e) for e in _three("--epochs", a.epochs)]
+    stages = default_schedule(epochs, _three("--lr", a.lr), _three("--lr-divisors", a.lr_divisors))
+    gpu = default_device(a.gpu).type == "cuda"
+    tc = TrainConfig(store=a.store, output=a.output, arch=a.arch, stages=stages, batch_size=a.batch_size,
+                     workers=a.workers, gpu=gpu, cpus_per_worker=a.cpus_per_worker, seed=a.seed,
+                     spec_augment=not a.no_spec_augment, max_failures=a.max_failures)
+    if a.lr_find:
+        res = lr_find(tc, pretrained=not a.no_pretrained, weights_file=a.weights)
+        print(f"suggested learning rate (valley): {res['valley']:.2e}; plot: {res['plot']}")
+        return 0
+    how = init_ray(a.address, a.num_cpus, quiet=False)
+    print(f"langid train: {how}; {a.workers} worker(s) on {'GPU' if gpu else 'CPU'}, {a.arch}", file=sys.stderr)
+    res = run_training(tc, pretrained=not a.no_pretrained, weights_file=a.weights,
+                       log=lambda m: print(f"langid train: {m}", file=sys.stderr))
+    for name, b in res["best"].items():
+        print(f"stage {name}: best validation accuracy {b['accuracy']:.4f} at epoch {b['epoch']}")
+    print(f"model: {res['output']} (model.safetensors, model.json, history.csv, training_curves.png)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="langid", description="Spoken-language identification jobs on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("preprocess", help="audio files -> Parquet/PNG spectrogram store",
+                       description="Decode audio, compute log-mel windows in parallel Ray tasks and write a "
+                                   "sharded Parquet store. Resumable: files already in the store are skipped.")
+    p.add_argument("--input", required=True, help="Kaggle tree, folder-per-language tree, or CSV/TSV manifest")
+    p.add_argument("--output", required=True, help="store folder or URI (s3://..., gs://...)")
+    p.add_argument("--format", default="auto", choices=["auto", "kaggle", "folders", "manifest"],
+                   help="input layout (default: detect)")
+    p.add_argument("--valid-fraction", type=float, default=0.2,
+                   help="share of recordings (speakers) per language held out for validation (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the grouped split (default %(default)s)")
+    p.add_argument("--png", action="store_true", help="also write one PNG image per window under STORE/png")
+    p.add_argument("--batch-size", type=int, default=32, help="files per task and per shard (default %(default)s)")
+    p.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray CPUs reserved per task (default %(default)s)")
+    p.add_argument("--max-seconds", type=float, default=4 * 3600.0,
+                   help="refuse files longer than this many seconds (default %(default)s)")
+    _add_feature_flags(p)
+    _add_ray_flags(p)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="staged ResNet fine-tune with fastai on Ray Train",
+                       description="The write-up's three-stage fine-tune (head; all layers with discriminative "
+                                   "learning rates; head again) as a Ray Train job. Rerunning with the same "
+                                   "--output resumes from the last checkpoint.")
+    p.add_argument("--store", required=True, help="store written by preprocess (train and valid splits)")
+    p.add_argument("--output", required=True, help="model folder to write")
+    p.add_argument("--arch", default="resnet152", choices=ARCHITECTURES, help="torchvision ResNet (default %(default)s)")
+    p.add_argument("--epochs", type=_floats, default=[7, 12, 8], help="epochs per stage (default 7,12,8)")
+    p.add_argument("--lr", type=_floats, default=[1e-2, 1e-3, 1e-4], help="learning rate per stage (default 1e-2,1e-3,1e-4)")
+    p.add_argument("--lr-divisors", type=_floats, default=[9, 6, 1],
+                   help="stage 2: lr divided by these for early body, late body, head (default 9,6,1)")
+    p.add_argument("--batch-size", type=int, default=32, help="per worker (default %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default %(default)s)")
+    p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (default %(default)s)")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU per worker (default: when CUDA is present)")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation, no ImageNet weights")
+    p.add_argument("--weights", help="ImageNet weights file for the architecture (.pth or .safetensors)")
+    p.add_argument("--no-spec-augment", action="store_true", help="no time shift / masking on training batches")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
+    p.add_argument("--lr-find", action="store_true", help="run fastai's learning-rate finder instead of training")
+    _add_ray_flags(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from langid.model import ModelError
+    from langid.store import StoreError
+
+    try:
+        return args.func(args)
+    except (UserError, StoreError, ModelError, *USER_ERRORS) as e:
+        print(f"langid {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"langid {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

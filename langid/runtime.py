@@ -1,0 +1,34 @@
+"""Starting or joining Ray: the same job runs embedded on a laptop and unchanged on a cluster."""
+from __future__ import annotations
+
+import logging
+import os
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> str:
+    """Join the cluster at `address` / RAY_ADDRESS, or start Ray embedded; returns which it did."""
+    import ray
+
+    if ray.is_initialized():
+        return "already running"
+    address = address or os.environ.get("RAY_ADDRESS")
+    # workers must import langid even when it is run from a checkout rather than installed
+    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    kwargs = dict(runtime_env=runtime_env, log_to_driver=not quiet, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **kwargs)
+        return f"joined Ray cluster at {address}"
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    return f"started Ray embedded ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def quiet_ray_data() -> None:
+    """Our own progress bar counts files; Ray Data's per-operator bars would only add noise."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

@@ -1,0 +1,203 @@
+"""Find labelled audio: the Kaggle layout, folder-per-language trees and CSV/TSV manifests.
+
+Every source yields plain dict records (one per file) with the same keys, so one job serves all.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional
+
+from langid.audio import AUDIO_EXTENSIONS
+
+KAGGLE_PATTERN = "lang_gender_<32-hex recording id>.fragmentN[.speedK|.pitchK|.noiseK].flac"
+KAGGLE_RE = re.compile(
+    r"^(?P<language>[a-z]{2,3})_(?P<gender>[mf])_(?P<recording_id>[0-9a-f]{32})"
+    r"\.fragment(?P<fragment>\d+)"
+    r"(?:\.(?P<augmentation>speed|pitch|noise)(?P<augmentation_index>\d+))?"
+    r"\.flac$"
+)
+SPLITS = ("train", "valid", "test")
+
+
+class BadName(ValueError):
+    """A file name that does not follow the Kaggle pattern."""
+
+
+@dataclass
+class SourceFile:
+    path: str
+    language: Optional[str] = None
+    split: Optional[str] = None
+    recording_id: Optional[str] = None
+    speaker: Optional[str] = None
+    gender: Optional[str] = None
+    fragment: Optional[int] = None
+    augmentation: Optional[str] = None
+    augmentation_index: Optional[int] = None
+    error: Optional[str] = None  # set when the file cannot even be described (bad name, bad manifest row)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_kaggle_name(name: str) -> dict:
+    """Parse `en_m_<id>.fragment3.speed2.flac` into its fields; raises BadName naming the pattern."""
+    base = os.path.basename(name)
+    m = KAGGLE_RE.match(base)
+    if not m:
+        raise BadName(f"{name}: name does not match {KAGGLE_PATTERN}")
+    d = m.groupdict()
+    return {
+        "language": d["language"],
+        "gender": d["gender"],
+        "recording_id": d["recording_id"],
+        "fragment": int(d["fragment"]),
+        "augmentation": d["augmentation"] or "original",
+        "augmentation_index": int(d["augmentation_index"]) if d["augmentation_index"] else None,
+    }
+
+
+def _walk(root: str, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[str]:
+    """All files under root with an audio extension, sorted; symlinked dirs are not followed (no loops)."""
+    exts = tuple(e.lower() for e in extensions)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for f in filenames:
+            if f.lower().endswith(exts):
+                out.append(os.path.join(dirpath, f))
+    return sorted(out)
+
+
+def _split_from_path(path: str) -> Optional[str]:
+    """'test' when the nearest ancestor named train or test is test (Kaggle's test/test, test/de).
+
+    Training files get no split here: the grouped split decides between train and valid.
+    """
+    for part in reversed(os.path.normpath(path).split(os.sep)[:-1]):
+        if part in ("train", "test"):
+            return "test" if part == "test" else None
+    return None
+
+
+def scan_kaggle(root: str) -> list[dict]:
+    """Records for every audio file under root; names off the pattern become error records."""
+    root = os.path.abspath(root)
+    records = []
+    for path in _walk(root):
+        rec = SourceFile(path=path, split=_split_from_path(os.path.relpath(path, os.path.dirname(root))))
+        try:
+            fields = parse_kaggle_name(path)
+        except BadName:
+            rec.error = f"name does not match {KAGGLE_PATTERN}"
+        else:
+            for k, v in fields.items():
+                setattr(rec, k, v)
+            rec.speaker = rec.recording_id
+        records.append(rec.to_dict())
+    return records
+
+
+def scan_folders(root: str) -> list[dict]:
+    """`root/<lang>/**/*.<ext>`: the first folder is the language, the second (if any) the speaker."""
+    root = os.path.abspath(root)
+    records = []
+    for path in _walk(root):
+        parts = os.path.relpath(path, root).split(os.sep)
+        if len(parts) < 2:
+            records.append(SourceFile(path=path, error="file is not inside a language folder (root/<lang>/...)").to_dict())
+            continue
+        language = parts[0]
+        speaker = parts[1] if len(parts) > 2 else os.path.splitext(parts[-1])[0]
+        records.append(
+            SourceFile(path=path, language=language, speaker=f"{language}/{speaker}", recording_id=f"{language}/{speaker}",
+                       split=_split_from_path(os.path.relpath(path, os.path.dirname(root)))).to_dict()
+        )
+    return records
+
+
+def read_manifest(path: str) -> list[dict]:
+    """CSV or TSV with columns path, language and optional split, speaker; relative paths are from the manifest."""
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8") as f:
+        sample = f.read(4096)
+        f.seek(0)
+        delimiter = "\t" if path.lower().endswith(".tsv") or sample.count("\t") > sample.count(",") else ","
+        reader = csv.DictReader(f, delimiter=delimiter)
+        cols = set(reader.fieldnames or [])
+        if not {"path", "language"} <= cols:
+            raise ValueError(f"{path}: manifest needs columns 'path' and 'language', found {sorted(cols)}")
+        records = []
+        for i, row in enumerate(reader, start=2):
+            p = (row.get("path") or "").strip()
+            full = p if (os.path.isabs(p) or "://" in p) else os.path.join(base, p)
+            rec = SourceFile(path=full, language=(row.get("language") or "").strip() or None)
+            split = (row.get("split") or "").strip() or None
+            if split is not None and split not in SPLITS:
+                rec.error = f"manifest line {i}: split {split!r} is not one of {', '.join(SPLITS)}"
+            rec.split = split
+            speaker = (row.get("speaker") or "").strip() or None
+            rec.speaker = rec.recording_id = speaker or full
+            if not p:
+                rec.error = f"manifest line {i}: empty path"
+            elif rec.language is None:
+                rec.error = f"manifest line {i}: empty language"
+            records.append(rec.to_dict())
+    return records
+
+
+def detect_format(input_path: str) -> str:
+    if os.path.isfile(input_path) and input_path.lower().endswith((".csv", ".tsv")):
+        return "manifest"
+    if not os.path.isdir(input_path):
+        raise FileNotFoundError(f"{input_path}: no such directory or manifest file")
+    for dirpath, _, filenames in os.walk(input_path):
+        if any(KAGGLE_RE.match(f) for f in filenames):
+            return "kaggle"
+    return "folders"
+
+
+def discover(input_path: str, fmt: str = "auto") -> list[dict]:
+    """Records for a Kaggle tree, a folder-per-language tree or a manifest (`fmt` auto-detects)."""
+    fmt = detect_format(input_path) if fmt == "auto" else fmt
+    scanners = {"kaggle": scan_kaggle, "folders": scan_folders, "manifest": read_manifest}
+    if fmt not in scanners:
+        raise ValueError(f"unknown source format {fmt!r}: use auto, kaggle, folders or manifest")
+    return scanners[fmt](input_path)
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
+
+
+def assign_splits(records: list[dict], valid_fraction: float = 0.2, seed: int = 0) -> list[dict]:
+    """Give records without a split 'train' or 'valid', grouped by recording so no group straddles both.
+
+    Per language, groups are ordered by a seeded hash and the first round(fraction * groups) go to
+    validation (at least one when a language has two or more groups): deterministic for a seed, and
+    every language is validated. Records that already have a split keep it.
+    """
+    if not 0 <= valid_fraction < 1:
+        raise ValueError("valid_fraction must be in [0, 1)")
+    groups: dict[str, set] = {}
+    for r in records:
+        if r.get("error") is None and r.get("split") is None:
+            groups.setdefault(r["language"], set()).add(r["recording_id"])
+    valid: set = set()
+    for language, ids in groups.items():
+        ordered = sorted(ids, key=lambda g: _rank(seed, g))
+        n = round(valid_fraction * len(ordered))
+        if valid_fraction > 0 and len(ordered) >= 2:
+            n = min(max(n, 1), len(ordered) - 1)
+        valid.update((language, g) for g in ordered[:n])
+    out = []
+    for r in records:
+        r = dict(r)
+        if r.get("error") is None and r.get("split") is None:
+            r["split"] = "valid" if (r["language"], r["recording_id"]) in valid else "train"
+        out.append(r)
+    return out

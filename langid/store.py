@@ -1,0 +1,186 @@
+"""The spectrogram store: sharded Parquet tables (windows, errors) plus the feature configuration.
+
+Layout of a store (a local folder or an object-store URI such as s3://bucket/store):
+    feature_config.json         the FeatureConfig every shard was computed with
+    windows/part-<id>.parquet   one row per window of every file that decoded
+    errors/part-<id>.parquet    one row per file that could not be used, with the reason
+    png/<split>/<lang>/*.png    spectrogram images, when asked for
+A shard is written under a hidden temporary name and renamed into place, so readers (which skip
+names starting with '.' and files not ending in .parquet) never see a half-written file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from langid.config import FeatureConfig
+
+CONFIG_FILE = "feature_config.json"
+CONFIG_KEY = b"langid.feature_config"
+WINDOWS, ERRORS = "windows", "errors"
+
+FILE_FIELDS = [
+    pa.field("path", pa.string()),
+    pa.field("language", pa.string()),
+    pa.field("split", pa.string()),
+    pa.field("recording_id", pa.string()),
+    pa.field("speaker", pa.string()),
+    pa.field("gender", pa.string()),
+    pa.field("fragment", pa.int32()),
+    pa.field("augmentation", pa.string()),
+    pa.field("augmentation_index", pa.int32()),
+]
+WINDOW_SCHEMA = pa.schema(
+    FILE_FIELDS
+    + [
+        pa.field("window_index", pa.int32()),
+        pa.field("window_start", pa.float32()),
+        pa.field("duration", pa.float32()),
+        pa.field("source_sample_rate", pa.int32()),
+        pa.field("source_channels", pa.int32()),
+        pa.field("quality_flags", pa.string()),
+        pa.field("n_mels", pa.int32()),
+        pa.field("n_frames", pa.int32()),
+        pa.field("logmel", pa.list_(pa.float32())),
+    ]
+)
+ERROR_SCHEMA = pa.schema(FILE_FIELDS + [pa.field("error", pa.string())])
+
+
+class StoreError(Exception):
+    """A store that cannot be used as asked (wrong configuration, missing, unreadable)."""
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow filesystem and path for a local path or a URI (s3://, gs://, file://)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts)
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write under a hidden temporary name beside the target, then rename into place."""
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = _join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+    with fs.open_output_stream(tmp) as out:
+        out.write(data)
+    fs.move(tmp, path)
+
+
+def shard_id(paths: Iterable[str]) -> str:
+    """Deterministic id for a batch of input files, so a retried task overwrites its own shard."""
+    h = hashlib.sha1()
+    for p in sorted(paths):
+        h.update(p.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()[:20]
+
+
+class Store:
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = filesystem(uri)
+
+    def path(self, *parts: str) -> str:
+        return _join(self.root, *parts)
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path(CONFIG_FILE)).type == pafs.FileType.File
+
+    def read_config(self) -> FeatureConfig:
+        if not self.exists():
+            raise StoreError(f"{self.uri}: not a langid store (no {CONFIG_FILE}); run jobs/preprocess.py first")
+        with self.fs.open_input_stream(self.path(CONFIG_FILE)) as f:
+            return FeatureConfig.from_json(f.read())
+
+    def init(self, cfg: FeatureConfig) -> None:
+        """Create the store, or check that an existing one was built with the same features."""
+        if self.exists():
+            old = self.read_config()
+            if old != cfg:
+                raise StoreError(
+                    f"{self.uri} was built with other features ({_diff(old, cfg)}); use a new --output or the same settings"
+                )
+            return
+        write_bytes_atomic(self.fs, self.path(CONFIG_FILE), (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+
+    def _files(self, table: str) -> list[str]:
+        sel = pafs.FileSelector(self.path(table), allow_not_found=True)
+        return sorted(
+            i.path for i in self.fs.get_file_info(sel)
+            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))
+        )
+
+    def write_shard(self, table: str, rows: pa.Table, sid: str) -> str:
+        schema = WINDOW_SCHEMA if table == WINDOWS else ERROR_SCHEMA
+        rows = rows.cast(schema).replace_schema_metadata({CONFIG_KEY: self.read_config_json()})
+        sink = pa.BufferOutputStream()
+        pq.write_table(rows, sink, compression="zstd")
+        target = self.path(table, f"part-{sid}.parquet")
+        write_bytes_atomic(self.fs, target, sink.getvalue().to_pybytes())
+        return target
+
+    def read_config_json(self) -> bytes:
+        with self.fs.open_input_stream(self.path(CONFIG_FILE)) as f:
+            return f.read()
+
+    def read(self, table: str = WINDOWS, columns: Optional[list[str]] = None, filters=None) -> pa.Table:
+        """The whole table (all shards) as one Arrow table; empty with the right schema when none."""
+        schema = WINDOW_SCHEMA if table == WINDOWS else ERROR_SCHEMA
+        files = self._files(table)
+        if not files:
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        import pyarrow.dataset as ds
+
+        dataset = ds.dataset(files, schema=schema, filesystem=self.fs, format="parquet")
+        return dataset.to_table(columns=columns, filter=filters)
+
+    def done_paths(self) -> set[str]:
+        """Input files that already have their record (ok or error) in the store."""
+        done = set()
+        for table in (WINDOWS, ERRORS):
+            done.update(self.read(table, columns=["path"]).column("path").to_pylist())
+        return done
+
+    def counts(self) -> dict:
+        w = self.read(WINDOWS, columns=["path", "split", "language"])
+        e = self.read(ERRORS, columns=["path"])
+        files = w.group_by(["path", "split", "language"]).aggregate([]) if w.num_rows else w
+        by = {}
+        for split, lang in zip(files.column("split").to_pylist(), files.column("language").to_pylist()):
+            by.setdefault(split, {}).setdefault(lang, 0)
+            by[split][lang] += 1
+        return {"files_ok": files.num_rows, "files_failed": e.num_rows, "windows": w.num_rows, "by_split": by}
+
+    def png_path(self, split: str, language: str, source_path: str, window_index: int) -> str:
+        stem = os.path.splitext(os.path.basename(source_path))[0]
+        tag = hashlib.sha1(source_path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        return self.path("png", split or "none", language or "none", f"{stem}-{tag}.w{window_index:03d}.png")
+
+
+def _diff(a: FeatureConfig, b: FeatureConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    return ", ".join(f"{k}: {da[k]} vs {db[k]}" for k in da if da[k] != db[k])
+
+
+def logmel_matrix(table: pa.Table) -> np.ndarray:
+    """(rows, n_mels, n_frames) float32 array from a windows table."""
+    if table.num_rows == 0:
+        return np.zeros((0, 0, 0), np.float32)
+    n_mels = table.column("n_mels")[0].as_py()
+    n_frames = table.column("n_frames")[0].as_py()
+    flat = table.column("logmel").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(table.num_rows, n_mels, n_frames).astype(np.float32, copy=False)
