@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from langid.config import ARCHITECTURES, FeatureConfig
@@ -42,6 +43,8 @@ def cmd_preprocess(a: argparse.Namespace) -> int:
     from langid.runtime import init_ray, quiet_ray_data
 
     cfg = _feature_config(a)
+    if "://" not in a.input and not os.path.exists(a.input):  # before Ray starts: a typo costs no start-up
+        raise FileNotFoundError(f"{a.input}: no such directory or manifest file")
     how = init_ray(a.address, a.num_cpus)
     quiet_ray_data()
     if not a.quiet:

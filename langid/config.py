@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -27,6 +28,9 @@ class FeatureConfig:
     silence_dbfs: float = -60.0
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"{f.name} must be a finite number, got {getattr(self, f.name)!r}")
         if self.sample_rate <= 0 or self.window_seconds <= 0:
             raise ValueError("sample_rate and window_seconds must be positive")
         if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:
@@ -62,6 +66,8 @@ class FeatureConfig:
         for k, v in d.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ValueError(f"feature-config key {k!r} must be a number, got {v!r}")
+            if types[k] in ("int", int) and float(v) != int(v):
+                raise ValueError(f"feature-config key {k!r} must be a whole number, got {v!r}")
             out[k] = int(v) if types[k] in ("int", int) else float(v)
         return cls(**out)
 

@@ -177,27 +177,35 @@ def _rank(seed: int, key: str) -> str:
 def assign_splits(records: list[dict], valid_fraction: float = 0.2, seed: int = 0) -> list[dict]:
     """Give records without a split 'train' or 'valid', grouped by recording so no group straddles both.
 
-    Per language, groups are ordered by a seeded hash and the first round(fraction * groups) go to
-    validation (at least one when a language has two or more groups): deterministic for a seed, and
-    every language is validated. Records that already have a split keep it.
+    A recording that already has a split somewhere (a manifest, Kaggle's test folder) gives it to all
+    its records. The others are taken per language (a recording's first language), ordered by a
+    seeded hash, and the first round(fraction * recordings) go to validation (at least one when a
+    language has two or more): deterministic for a seed, and every language is validated.
     """
     if not 0 <= valid_fraction < 1:
         raise ValueError("valid_fraction must be in [0, 1)")
-    groups: dict[str, set] = {}
+    fixed: dict = {}
     for r in records:
-        if r.get("error") is None and r.get("split") is None:
-            groups.setdefault(r["language"], set()).add(r["recording_id"])
-    valid: set = set()
-    for language, ids in groups.items():
+        if r.get("error") is None and r.get("split") is not None:
+            fixed.setdefault(r["recording_id"], r["split"])
+    owner: dict = {}  # recording -> the language it is balanced under
+    for r in records:
+        if r.get("error") is None and r["recording_id"] not in fixed:
+            owner.setdefault(r["recording_id"], r["language"])
+    groups: dict[str, list] = {}
+    for rid, language in owner.items():
+        groups.setdefault(language, []).append(rid)
+    chosen: dict = {}
+    for ids in groups.values():
         ordered = sorted(ids, key=lambda g: _rank(seed, g))
         n = round(valid_fraction * len(ordered))
         if valid_fraction > 0 and len(ordered) >= 2:
             n = min(max(n, 1), len(ordered) - 1)
-        valid.update((language, g) for g in ordered[:n])
+        chosen.update({g: ("valid" if i < n else "train") for i, g in enumerate(ordered)})
     out = []
     for r in records:
         r = dict(r)
         if r.get("error") is None and r.get("split") is None:
-            r["split"] = "valid" if (r["language"], r["recording_id"]) in valid else "train"
+            r["split"] = fixed.get(r["recording_id"]) or chosen[r["recording_id"]]
         out.append(r)
     return out
