@@ -50,7 +50,7 @@ def cmd_preprocess(a: argparse.Namespace) -> int:
     if not a.quiet:
         print(f"langid preprocess: {how}", file=sys.stderr)
     res = run_preprocess(a.input, a.output, cfg, a.format, a.valid_fraction, a.seed, a.png, a.batch_size,
-                         a.cpus_per_task, a.max_seconds, progress=not a.quiet)
+                         a.cpus_per_task, a.max_seconds, progress=not a.quiet, split=a.split)
     print(res.summary())
     for path, reason in res.errors[:10]:
         print(f"  failed: {path}: {reason}")
@@ -102,6 +102,18 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from langid.evaluation import evaluate
+
+    r = evaluate(a.model, a.store, a.output, a.split, a.batch_size, progress=not a.quiet)
+    low, high = r["accuracy_ci95"]
+    eer = "n/a" if r["eer"] is None else f"{r['eer']:.4f}"
+    print(f"{r['split']}: {r['files']} files, accuracy {r['accuracy']:.4f} (95% CI {low:.3f}-{high:.3f}), "
+          f"macro F1 {r['macro_f1']:.4f}, Cavg {r['cavg']:.4f}, EER {eer}")
+    print(f"report: {os.path.join(a.output, 'report.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="langid", description="Spoken-language identification jobs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -116,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-fraction", type=float, default=0.2,
                    help="share of recordings (speakers) per language held out for validation (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the grouped split (default %(default)s)")
+    p.add_argument("--split", choices=["train", "valid", "test"],
+                   help="put every file in this split (e.g. test for a held-out set) instead of splitting")
     p.add_argument("--png", action="store_true", help="also write one PNG image per window under STORE/png")
     p.add_argument("--batch-size", type=int, default=32, help="files per task and per shard (default %(default)s)")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray CPUs reserved per task (default %(default)s)")
@@ -149,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-find", action="store_true", help="run fastai's learning-rate finder instead of training")
     _add_ray_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics and a report for a model on a labelled store split",
+                       description="Accuracy with a 95%% CI, per-language P/R/F1, confusion matrix (CSV, PNG), "
+                                   "per-speaker accuracy, Cavg and EER; file scores average their windows.")
+    p.add_argument("--model", required=True, help="model folder written by train")
+    p.add_argument("--store", required=True, help="store written by preprocess")
+    p.add_argument("--output", required=True, help="folder for report.md, metrics.json and the figures")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="(default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -12,7 +12,7 @@ from langid.audio import AudioError, load_audio
 from langid.config import FeatureConfig
 from langid.features import file_flags, log_mel, to_png, windows
 from langid.sources import assign_splits, discover
-from langid.store import ERRORS, WINDOWS, Store, shard_id, write_bytes_atomic
+from langid.store import ERRORS, WINDOWS, Store, absolute_uri, shard_id, write_bytes_atomic
 
 FILE_KEYS = ("path", "language", "split", "recording_id", "speaker", "gender", "fragment", "augmentation",
              "augmentation_index")
@@ -116,20 +116,28 @@ def run_preprocess(
     num_cpus: float = 1.0,
     max_seconds: float = 4 * 3600.0,
     progress: bool = True,
+    split: str | None = None,
 ) -> PreprocessResult:
     """Discover, split, and compute every file not yet in the store; Ray must be initialised."""
     import ray
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    records = assign_splits(discover(input_path, source_format), valid_fraction, seed)
+    output = absolute_uri(output)
+    records = discover(input_path, source_format)
+    if split is not None:  # a held-out set: every file gets this split
+        records = [{**r, "split": split} for r in records]
+    records = assign_splits(records, valid_fraction, seed)
     store = Store(output)
     store.init(cfg)
     done = store.done_paths()
     todo = [r for r in records if r["path"] not in done]
     result = PreprocessResult(store=output, files_seen=len(records), skipped_done=len(records) - len(todo))
     if todo:
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / batch_size)))
+        # at least four tasks per CPU, so no worker idles through a long last round
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        batch_size = max(1, min(batch_size, math.ceil(len(todo) / (4 * cpus))))
+        ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / batch_size))
         out = ds.map_batches(process_batch, fn_args=(output, cfg, png, max_seconds),
                              batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus)
         with tqdm(total=len(todo), unit="file", desc="preprocess", disable=not progress) as bar:

@@ -121,7 +121,7 @@ def scan_folders(root: str) -> list[dict]:
 
 
 def read_manifest(path: str) -> list[dict]:
-    """CSV or TSV with columns path, language and optional split, speaker; relative paths are from the manifest."""
+    """CSV or TSV with columns path (or file), language and optional split, speaker; relative paths are from the manifest."""
     base = os.path.dirname(os.path.abspath(path))
     with open(path, newline="", encoding="utf-8") as f:
         sample = f.read(4096)
@@ -129,11 +129,12 @@ def read_manifest(path: str) -> list[dict]:
         delimiter = "\t" if path.lower().endswith(".tsv") or sample.count("\t") > sample.count(",") else ","
         reader = csv.DictReader(f, delimiter=delimiter)
         cols = set(reader.fieldnames or [])
-        if not {"path", "language"} <= cols:
-            raise ValueError(f"{path}: manifest needs columns 'path' and 'language', found {sorted(cols)}")
+        path_col = "path" if "path" in cols else "file"
+        if not {path_col, "language"} <= cols:
+            raise ValueError(f"{path}: manifest needs columns 'path' (or 'file') and 'language', found {sorted(cols)}")
         records = []
         for i, row in enumerate(reader, start=2):
-            p = (row.get("path") or "").strip()
+            p = (row.get(path_col) or "").strip()
             full = p if (os.path.isabs(p) or "://" in p) else os.path.join(base, p)
             rec = SourceFile(path=full, language=(row.get("language") or "").strip() or None)
             split = (row.get("split") or "").strip() or None

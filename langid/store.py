@@ -59,6 +59,11 @@ class StoreError(Exception):
     """A store that cannot be used as asked (wrong configuration, missing, unreadable)."""
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's working directory); URIs unchanged."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow filesystem and path for a local path or a URI (s3://, gs://, file://)."""
     if "://" not in uri:
@@ -116,7 +121,7 @@ class Store:
             return
         write_bytes_atomic(self.fs, self.path(CONFIG_FILE), (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
 
-    def _files(self, table: str) -> list[str]:
+    def shards(self, table: str) -> list[str]:
         sel = pafs.FileSelector(self.path(table), allow_not_found=True)
         return sorted(
             i.path for i in self.fs.get_file_info(sel)
@@ -139,7 +144,7 @@ class Store:
     def read(self, table: str = WINDOWS, columns: Optional[list[str]] = None, filters=None) -> pa.Table:
         """The whole table (all shards) as one Arrow table; empty with the right schema when none."""
         schema = WINDOW_SCHEMA if table == WINDOWS else ERROR_SCHEMA
-        files = self._files(table)
+        files = self.shards(table)
         if not files:
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from langid.config import FeatureConfig
 from langid.model import LangIdNet, layer_groups, save_model
-from langid.store import WINDOWS, Store, StoreError, logmel_matrix
+from langid.store import WINDOWS, Store, StoreError, absolute_uri, logmel_matrix
 
 
 @dataclass
@@ -70,8 +70,11 @@ def read_split(store_uri: str, split: str, labels: Optional[list[str]] = None):
     if labels is None:
         labels = sorted(set(table.column("language").to_pylist()))
     index = {lang: i for i, lang in enumerate(labels)}
-    keep = [lang in index for lang in table.column("language").to_pylist()]
-    table = table.filter(keep)
+    import pyarrow as pa
+
+    table = table.filter(pa.array([lang in index for lang in table.column("language").to_pylist()], pa.bool_()))
+    if table.num_rows == 0:
+        raise StoreError(f"{store_uri}: no windows in split {split!r} for languages {labels}")
     X = logmel_matrix(table).astype(np.float16)
     y = np.array([index[lang] for lang in table.column("language").to_pylist()], dtype=np.int64)
     return X, y, labels, table.drop_columns(["logmel"])
@@ -362,10 +365,10 @@ def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optiona
 
     from langid.model import imagenet_weights
 
-    store = Store(tc.store)
-    cfg = store.read_config()
+    tc = replace(tc, store=absolute_uri(tc.store), output=absolute_uri(tc.output))
+    output = tc.output
+    cfg = Store(tc.store).read_config()
     labels = store_labels(tc.store)
-    output = os.path.abspath(tc.output) if "://" not in tc.output else tc.output
     state = None
     if pretrained:
         state, message = imagenet_weights(tc.arch, weights_file)

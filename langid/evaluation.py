@@ -1,0 +1,142 @@
+"""The evaluation job: a model on a labelled store split -> metrics, confusion matrix, report."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from typing import Optional
+
+import numpy as np
+import pyarrow.compute as pc
+
+from langid import metrics
+from langid.inference import LanguageIdentifier, load_model
+from langid.store import WINDOWS, Store, StoreError, logmel_matrix
+
+
+def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", batch_size: int = 32,
+                progress: bool = True):
+    """Per-file (paths, languages, speakers, log-probabilities) for a split, read one shard at a time."""
+    from tqdm.auto import tqdm
+
+    store = Store(store_uri)
+    if store.read_config() != ident.cfg:
+        raise StoreError(f"{store_uri} was preprocessed with other features than the model's; "
+                         "preprocess again with the model's settings (model.json: feature_config)")
+    paths, langs, speakers, lps, speech = [], [], [], [], []
+    for shard in tqdm(store.shards(WINDOWS), desc=f"scoring {split}", unit="shard", disable=not progress):
+        import pyarrow.dataset as ds
+
+        table = ds.dataset(shard, filesystem=store.fs, format="parquet").to_table(filter=pc.field("split") == split)
+        if table.num_rows == 0:
+            continue
+        lps.append(ident.logprobs(logmel_matrix(table), batch_size))
+        paths += table.column("path").to_pylist()
+        langs += table.column("language").to_pylist()
+        speakers += table.column("speaker").to_pylist()
+        speech += ["silent" not in (f or "") for f in table.column("quality_flags").to_pylist()]
+    if not paths:
+        raise StoreError(f"{store_uri}: no windows in split {split!r}")
+    window_lp, speech = np.concatenate(lps), np.array(speech)
+    # a file's score: its speech windows (all of them when none is speech), as the labeling job does
+    has_speech = {p for p, s in zip(paths, speech) if s}
+    keep = np.array([s or p not in has_speech for p, s in zip(paths, speech)])
+    kept = [p for p, k in zip(paths, keep) if k]
+    files, file_lp = metrics.aggregate_windows(window_lp[keep], kept)
+    first = {}
+    for p, lang, spk in zip(paths, langs, speakers):
+        first.setdefault(p, (lang, spk))
+    return files, [first[f][0] for f in files], [first[f][1] for f in files], file_lp
+
+
+def evaluate(model_dir: str, store_uri: str, output: str, split: str = "test", batch_size: int = 32,
+             progress: bool = True) -> dict:
+    """Write metrics.json, predictions.csv, confusion_matrix.csv/.png and report.md into `output`."""
+    from langid.plots import confusion_matrix_png
+
+    ident = load_model(model_dir)
+    labels = ident.labels
+    files, langs, speakers, file_lp = score_store(ident, store_uri, split, batch_size, progress)
+    known = np.array([lang in labels for lang in langs])
+    skipped = sorted({lang for lang, k in zip(langs, known) if not k})
+    files = [f for f, k in zip(files, known) if k]
+    speakers = [s for s, k in zip(speakers, known) if k]
+    y_true = np.array([labels.index(lang) for lang, k in zip(langs, known) if k])
+    file_lp = file_lp[known]
+    y_pred = file_lp.argmax(axis=1)
+    report = metrics.classification_report(y_true, y_pred, labels)
+    correct = int((y_true == y_pred).sum())
+    low, high = metrics.accuracy_ci(correct, len(y_true))
+    result = {
+        "model": model_dir, "store": store_uri, "split": split, "files": len(files),
+        "languages_not_in_model": skipped,
+        "accuracy": report["accuracy"], "accuracy_ci95": [low, high], "macro_f1": report["macro_f1"],
+        "cavg": metrics.cavg(file_lp, y_true), "eer": _safe(metrics.eer, file_lp, y_true),
+        "per_language": report["per_language"], "confusion_matrix": report["confusion_matrix"],
+        "labels": labels, "per_speaker": metrics.per_group_accuracy(y_true, y_pred, speakers),
+    }
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    probs = np.exp(file_lp)
+    with open(os.path.join(output, "predictions.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "speaker", "language", "predicted", "confidence", *[f"p_{x}" for x in labels]])
+        for i, path in enumerate(files):
+            w.writerow([path, speakers[i], labels[y_true[i]], labels[y_pred[i]], f"{probs[i].max():.6f}",
+                        *[f"{p:.6f}" for p in probs[i]]])
+    with open(os.path.join(output, "confusion_matrix.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *labels])
+        for lang, row in zip(labels, report["confusion_matrix"]):
+            w.writerow([lang, *row])
+    confusion_matrix_png(np.array(report["confusion_matrix"]), labels, os.path.join(output, "confusion_matrix.png"),
+                         title=f"Confusion matrix ({split}, {len(files)} files)")
+    curves = os.path.join(model_dir, "training_curves.png")
+    if os.path.exists(curves):
+        shutil.copy(curves, os.path.join(output, "training_curves.png"))
+    write_report(result, output, has_curves=os.path.exists(curves), meta=ident.meta)
+    return result
+
+
+def _safe(fn, *args) -> Optional[float]:
+    try:
+        return fn(*args)
+    except ValueError:  # e.g. EER with only one language present
+        return None
+
+
+def write_report(r: dict, output: str, has_curves: bool, meta: dict) -> str:
+    """A short Markdown report with the figures."""
+    low, high = r["accuracy_ci95"]
+    eer = "n/a" if r["eer"] is None else f"{r['eer']:.4f}"
+    lines = [
+        f"# langid evaluation: {os.path.basename(os.path.normpath(r['model']))} on {r['split']}",
+        "",
+        f"Model `{r['model']}` ({meta['architecture']}, languages {', '.join(r['labels'])}); "
+        f"store `{r['store']}`, split `{r['split']}`, {r['files']} files (a file's score averages its windows).",
+        "",
+        "| metric | value |", "|---|---|",
+        f"| accuracy | {r['accuracy']:.4f} (95% CI {low:.4f}–{high:.4f}, Wilson) |",
+        f"| macro F1 | {r['macro_f1']:.4f} |",
+        f"| Cavg (NIST LRE, P_target 0.5) | {r['cavg']:.4f} |",
+        f"| EER (pooled) | {eer} |",
+        "",
+        "## Per language", "", "| language | precision | recall | F1 | files |", "|---|---|---|---|---|",
+    ]
+    for lang, m in r["per_language"].items():
+        lines.append(f"| {lang} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |")
+    lines += ["", "## Per speaker", "", "| speaker | files | accuracy |", "|---|---|---|"]
+    for spk, m in r["per_speaker"].items():
+        lines.append(f"| {spk} | {m['n']} | {m['accuracy']:.4f} |")
+    if r["languages_not_in_model"]:
+        lines += ["", f"Files in languages the model does not know were left out: {', '.join(r['languages_not_in_model'])}."]
+    lines += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)", "",
+              "Counts in `confusion_matrix.csv` (rows: true language, columns: predicted)."]
+    if has_curves:
+        lines += ["", "## Training curves", "", "![training curves](training_curves.png)"]
+    path = os.path.join(output, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
