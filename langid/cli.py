@@ -114,6 +114,51 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(a: argparse.Namespace) -> int:
+    from langid.labeling import LabelOptions, run_label
+    from langid.model import read_metadata
+    from langid.runtime import init_ray, quiet_ray_data
+
+    read_metadata(a.model)  # a missing or bad model fails before Ray starts
+    opts = LabelOptions(languages=_languages(a.languages), min_confidence=a.min_confidence, top_k=a.top_k,
+                        overlap=a.overlap, probabilities=a.probabilities or bool(a.parquet), max_seconds=a.max_seconds)
+    how = init_ray(a.address, a.num_cpus)
+    quiet_ray_data()
+    if not a.quiet:
+        print(f"langid label: {how}", file=sys.stderr)
+    res = run_label(a.model, a.input, a.output, opts, segments=a.segments, parquet=a.parquet, all_files=a.all_files,
+                    actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
+                    batch_size=a.batch_size, progress=not a.quiet)
+    print(res.summary())
+    return 0
+
+
+def _languages(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    import json
+
+    from langid.inference import load_model
+
+    ident = load_model(a.model, a.device)
+    preds = ident.predict_many(a.files, languages=_languages(a.languages), min_confidence=a.min_confidence,
+                               top_k=a.top_k)
+    if a.json:
+        print(json.dumps([p.to_dict() for p in preds], indent=2))
+        return 0
+    width = max(len(p.path) for p in preds)
+    for p in preds:
+        if p.status != "ok":
+            print(f"{p.path:<{width}}  error: {p.error}")
+        else:
+            top = "  ".join(f"{lang} {prob:.2f}" for lang, prob in p.top)
+            note = f"  ({p.error})" if p.error else ""
+            print(f"{p.path:<{width}}  {p.language:<8} {p.confidence:.3f}   [{top}]{note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="langid", description="Spoken-language identification jobs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -174,6 +219,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("label", help="bulk-label a directory, glob, file list or archive to a CSV",
+                       description="One CSV row per input file (ok or error), streamed through Ray Data: decoding "
+                                   "in tasks, the model once per actor. Rerunning with the same --output resumes. "
+                                   "Exit status 0 when the job ran, even with error rows.")
+    p.add_argument("--model", required=True, help="model folder written by train")
+    p.add_argument("--input", required=True,
+                   help="directory (recursive), glob ('data/**/*.flac'), file list (@list.txt), or .tar/.tar.gz/.zip")
+    p.add_argument("--output", required=True, help="CSV to write (rows accumulate in OUTPUT.partial until done)")
+    p.add_argument("--languages", help="answer only among these, e.g. en,de")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="below this, the answer is 'unknown'")
+    p.add_argument("--top-k", type=int, default=3, help="languages listed in top_languages (default %(default)s)")
+    p.add_argument("--overlap", type=float, default=0.0, help="window overlap for long files, 0-0.9 (default 0)")
+    p.add_argument("--probabilities", action="store_true", help="add one p_<language> column per language")
+    p.add_argument("--segments", help="also write a per-segment timeline CSV here (start, end, language)")
+    p.add_argument("--parquet", help="also write the result as Parquet with the full probability vector")
+    p.add_argument("--all-files", action="store_true", help="label every file, not only audio extensions")
+    p.add_argument("--max-seconds", type=float, default=4 * 3600.0, help="refuse longer files (default %(default)s)")
+    p.add_argument("--actors", type=int, default=1, help="model actors (default %(default)s)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="(default %(default)s)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 1 on GPU nodes (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="files per inference batch (default %(default)s)")
+    _add_ray_flags(p)
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("predict", help="languages of a few files, without Ray",
+                       description="Predict the language of each file in this process (no Ray): a table, or --json.")
+    p.add_argument("files", nargs="+", help="audio files")
+    p.add_argument("--model", required=True, help="model folder written by train")
+    p.add_argument("--languages", help="answer only among these, e.g. en,de")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="below this, the answer is 'unknown'")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

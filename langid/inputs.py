@@ -1,0 +1,122 @@
+"""What to label: a directory, a glob, a file list, or a tar/zip archive read member by member.
+
+Archive members are read into memory and never written to disk, so a member named `../x` or `/etc/x`
+cannot reach anything outside the archive: its name is only a label in the output.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from langid.audio import AUDIO_EXTENSIONS
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
+MEMBER_SEP = "::"  # archive.tar::member/name.flac
+MAX_MEMBER_BYTES = 2 << 30
+
+
+@dataclass
+class Item:
+    """One input file: its key in the output, plus either a path to read or the member's bytes."""
+
+    key: str
+    path: Optional[str] = None
+    data: Optional[bytes] = None
+    error: Optional[str] = None
+
+
+def is_archive(path: str) -> bool:
+    return path.lower().endswith(ARCHIVE_SUFFIXES) and os.path.isfile(path)
+
+
+def _wanted(name: str, all_files: bool) -> bool:
+    return all_files or name.lower().endswith(AUDIO_EXTENSIONS)
+
+
+def list_inputs(spec: str, all_files: bool = False) -> tuple[list[str], str]:
+    """(paths, kind) for a directory, glob, file list (@list.txt or .txt/.lst), archive or single file."""
+    if any(c in spec for c in "*?[") and not os.path.exists(spec):
+        return sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p) and _wanted(p, all_files)), "glob"
+    if spec.startswith("@") or (os.path.isfile(spec) and spec.lower().endswith((".txt", ".lst"))):
+        listfile = spec[1:] if spec.startswith("@") else spec
+        with open(listfile, encoding="utf-8") as f:
+            return [line.rstrip("\r\n") for line in f if line.strip()], "list"
+    if os.path.isdir(spec):
+        out = []
+        for dirpath, dirnames, filenames in os.walk(spec, followlinks=False):  # no symlink loops
+            dirnames.sort()
+            out += [os.path.join(dirpath, f) for f in sorted(filenames) if _wanted(f, all_files)]
+        return out, "directory"
+    if is_archive(spec):
+        return [spec], "archive"
+    if os.path.isfile(spec):
+        return [spec], "file"
+    raise FileNotFoundError(f"{spec}: no such file, directory, glob match or archive")
+
+
+def iter_items(spec: str, all_files: bool = False, skip: frozenset = frozenset()) -> Iterator[Item]:
+    """Every input once (archives expanded into members), skipping keys in `skip` without reading them."""
+    paths, kind = list_inputs(spec, all_files)
+    seen = set()
+    for path in paths:
+        items = iter_archive(path, all_files) if kind in ("archive", "list", "glob") and is_archive(path) else [
+            Item(key=path, path=path)]
+        for item in items:
+            if item.key in seen or item.key in skip:
+                continue
+            seen.add(item.key)
+            yield item
+
+
+def iter_archive(path: str, all_files: bool = False) -> Iterator[Item]:
+    """Members of a tar or zip archive in order, each read whole into memory (streaming for .tar.gz)."""
+    try:
+        if path.lower().endswith(".zip"):
+            yield from _iter_zip(path, all_files)
+        else:
+            yield from _iter_tar(path, all_files)
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as e:
+        yield Item(key=f"{path}{MEMBER_SEP}", error=f"unreadable archive ({' '.join(str(e).split())[:150]})")
+
+
+def _iter_tar(path: str, all_files: bool) -> Iterator[Item]:
+    with tarfile.open(path, mode="r|*") as tar:  # a stream: one pass, no seeking back
+        for m in tar:
+            if m.isdir() or not _wanted(m.name, all_files):
+                continue
+            key = f"{path}{MEMBER_SEP}{m.name}"
+            if m.issym() or m.islnk():
+                yield Item(key=key, error="archive member is a link; links are not followed")
+            elif not m.isfile():
+                yield Item(key=key, error="archive member is not a regular file")
+            elif m.size > MAX_MEMBER_BYTES:
+                yield Item(key=key, error=f"archive member larger than {MAX_MEMBER_BYTES >> 30} GiB")
+            elif m.name.lower().endswith(ARCHIVE_SUFFIXES):
+                yield Item(key=key, error="nested archive; extract it or label it on its own")
+            else:
+                f = tar.extractfile(m)
+                yield Item(key=key, data=f.read() if f else b"")
+
+
+def _iter_zip(path: str, all_files: bool) -> Iterator[Item]:
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.is_dir() or not _wanted(info.filename, all_files):
+                continue
+            key = f"{path}{MEMBER_SEP}{info.filename}"
+            is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+            if is_link:
+                yield Item(key=key, error="archive member is a link; links are not followed")
+            elif info.file_size > MAX_MEMBER_BYTES:
+                yield Item(key=key, error=f"archive member larger than {MAX_MEMBER_BYTES >> 30} GiB")
+            elif info.filename.lower().endswith(ARCHIVE_SUFFIXES):
+                yield Item(key=key, error="nested archive; extract it or label it on its own")
+            else:
+                try:
+                    yield Item(key=key, data=z.read(info))
+                except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
+                    yield Item(key=key, error=f"unreadable archive member ({' '.join(str(e).split())[:150]})")

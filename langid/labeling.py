@@ -1,0 +1,376 @@
+"""The bulk-labeling job: a directory or archive of audio -> one CSV row per file, streamed through Ray Data.
+
+Pipeline: read (paths, or archive members as bytes) -> decode + log-mel windows in parallel tasks ->
+batched inference in an actor pool (model loaded once per actor) -> rows appended to `<output>.partial`
+as they arrive. The finished CSV appears under its name only when every input has its row; a rerun
+resumes from the partial file and labels only what is missing.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from langid.audio import AudioError, load_audio
+from langid.inputs import MEMBER_SEP, iter_items
+
+BASE_COLUMNS = ["path", "language", "confidence", "top_languages", "duration", "windows", "windows_used",
+                "status", "error"]
+SEGMENT_COLUMNS = ["path", "start", "end", "language", "confidence"]
+PARTIAL = ".partial"
+
+
+@dataclass
+class LabelOptions:
+    languages: Optional[list] = None
+    min_confidence: float = 0.0
+    top_k: int = 3
+    overlap: float = 0.0  # fraction of a window shared with the next one, for long files
+    probabilities: bool = False
+    max_seconds: float = 4 * 3600.0
+
+    @property
+    def hop_seconds_factor(self) -> float:
+        return 1.0 - self.overlap
+
+
+# ---------- pipeline stages (run in Ray tasks and actors) ----------
+
+def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seconds: float) -> pa.Table:
+    """Decode + windows + log-mel for a batch of inputs; a failure becomes that row's error."""
+    from langid.config import FeatureConfig
+    from langid.features import log_mel, windows
+
+    cfg = FeatureConfig.from_dict(cfg_dict)
+    hop = cfg.window_seconds * hop_factor
+    out = []
+    for row in batch.to_pylist():
+        rec = {"key": row["key"], "error": row.get("error"), "duration": 0.0, "n_windows": 0, "specs": b"",
+               "starts": [], "speech": []}
+        if rec["error"] is None:
+            try:
+                audio = load_audio(row["data"] if row.get("data") is not None else row["path"], cfg.sample_rate,
+                                   max_seconds=max_seconds)
+                specs, starts, speech = [], [], []
+                for start, chunk, flags in windows(audio.samples, cfg, hop):
+                    specs.append(log_mel(chunk, cfg).astype(np.float16))
+                    starts.append(start)
+                    speech.append("silent" not in flags)
+                rec.update(duration=audio.duration, n_windows=len(specs), specs=np.stack(specs).tobytes(),
+                           starts=starts, speech=speech)
+            except AudioError as e:
+                rec["error"] = str(e)
+            except MemoryError:
+                rec["error"] = "too large to decode in memory"
+        out.append(rec)
+    return pa.Table.from_pylist(out, schema=FEATURE_SCHEMA)
+
+
+FEATURE_SCHEMA = pa.schema([
+    ("key", pa.string()), ("error", pa.string()), ("duration", pa.float64()), ("n_windows", pa.int32()),
+    ("specs", pa.large_binary()), ("starts", pa.list_(pa.float64())), ("speech", pa.list_(pa.bool_())),
+])
+
+
+class Predictor:
+    """Actor: loads the model once, then labels batches of featurized files with one batched forward."""
+
+    def __init__(self, model_dir: str, opts: LabelOptions, threads: int = 1):
+        import torch
+
+        from langid.inference import load_model
+
+        torch.set_num_threads(max(1, threads))
+        self.ident = load_model(model_dir)
+        self.opts = opts
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ident, o = self.ident, self.opts
+        shape = (ident.cfg.n_mels, ident.cfg.window_frames)
+        rows = batch.to_pylist()
+        ok = [r for r in rows if r["error"] is None]
+        specs = [np.frombuffer(r["specs"], np.float16).reshape(-1, *shape) for r in ok]
+        lp = ident.logprobs(np.concatenate(specs)) if specs else None
+        out, offset = [], 0
+        results = {}
+        for r, s in zip(ok, specs):
+            pred = ident.decide(r["key"], lp[offset:offset + len(s)], np.array(r["starts"]), np.array(r["speech"]),
+                                r["duration"], o.languages, o.min_confidence, o.top_k)
+            offset += len(s)
+            results[r["key"]] = pred
+        for r in rows:
+            pred = results.get(r["key"])
+            if pred is None:
+                out.append({"path": r["key"], "language": "", "confidence": None, "top_languages": "",
+                            "duration": None, "windows": 0, "windows_used": 0, "status": "error",
+                            "error": r["error"], "probabilities": "", "segments": ""})
+                continue
+            out.append({
+                "path": r["key"], "language": pred.language, "confidence": round(pred.confidence, 6),
+                "top_languages": " ".join(f"{lang}:{p:.4f}" for lang, p in pred.top),
+                "duration": round(pred.duration, 3), "windows": pred.windows, "windows_used": pred.windows_used,
+                "status": "ok", "error": pred.error, "probabilities": json.dumps(pred.probabilities),
+                "segments": json.dumps([[s.start, s.end, s.language, s.confidence] for s in merge_segments(pred.segments)]),
+            })
+        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+
+RESULT_SCHEMA = pa.schema([
+    ("path", pa.string()), ("language", pa.string()), ("confidence", pa.float64()), ("top_languages", pa.string()),
+    ("duration", pa.float64()), ("windows", pa.int32()), ("windows_used", pa.int32()), ("status", pa.string()),
+    ("error", pa.string()), ("probabilities", pa.string()), ("segments", pa.string()),
+])
+
+
+def merge_segments(segments: list) -> list:
+    """Consecutive windows with the same language become one segment (overlapping windows included)."""
+    from langid.inference import Segment
+
+    merged: list = []  # [start, end, language, [confidences]]
+    for s in segments:
+        if merged and merged[-1][2] == s.language and s.start <= merged[-1][1] + 1e-6:
+            merged[-1][1] = max(merged[-1][1], s.end)
+            merged[-1][3].append(s.confidence)
+        else:
+            merged.append([s.start, s.end, s.language, [s.confidence]])
+    return [Segment(a, b, lang, float(np.mean(c))) for a, b, lang, c in merged]
+
+
+def read_items(batch: pa.Table, all_files: bool, skip: frozenset):
+    """Generator stage: expand an input (path chunk or archive) into rows with a path or the member's bytes."""
+    rows = []
+    for unit in batch.to_pylist():
+        for item in iter_items(unit["spec"], all_files, skip) if unit["archive"] else [
+                _path_item(p) for p in unit["paths"]]:
+            rows.append({"key": item.key, "path": item.path, "data": item.data, "error": item.error})
+            if len(rows) >= 8:
+                yield pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
+
+
+def _path_item(path: str):
+    from langid.inputs import Item
+
+    return Item(key=path, path=path)
+
+
+ITEM_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("data", pa.large_binary()),
+                         ("error", pa.string())])
+
+
+# ---------- output files ----------
+
+def csv_columns(labels: Sequence[str], opts: LabelOptions) -> list[str]:
+    return BASE_COLUMNS + ([f"p_{x}" for x in labels] if opts.probabilities else [])
+
+
+def recover_partial(path: str, columns: list[str]) -> set:
+    """Keys already labelled in a partial (or finished) CSV; a row cut by a crash is dropped, the file rewritten."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        text = f.read()
+    rows = []
+    try:
+        for row in csv.reader(io.StringIO(text), strict=True):
+            rows.append(row)
+    except csv.Error:
+        pass  # a crash cut the last row inside a quoted field
+    complete = text.endswith("\n")
+    if rows and not complete:
+        rows.pop()  # cut mid-row
+    if rows and rows[0] != columns:
+        raise ValueError(f"{path} was written with other columns ({','.join(rows[0])}); use a new --output "
+                         "or the same flags")
+    body = [r for r in rows[1:] if len(r) == len(columns)]
+    seen, unique = set(), []
+    for r in body:
+        if r[0] not in seen:
+            seen.add(r[0])
+            unique.append(r)
+    if len(unique) != len(rows) - 1 or not complete or not rows:
+        _rewrite(path, columns, unique)
+    return seen
+
+
+def _rewrite(path: str, columns: list[str], rows: list) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def filter_segments(path: str, done: set) -> None:
+    """Keep only timeline rows of files whose label row exists (a crash may have cut in between)."""
+    if not os.path.exists(path):
+        _rewrite(path, SEGMENT_COLUMNS, [])
+        return
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        try:
+            rows = list(csv.reader(f, strict=True))
+        except csv.Error:
+            rows = []
+    _rewrite(path, SEGMENT_COLUMNS, [r for r in rows[1:] if len(r) == len(SEGMENT_COLUMNS) and r[0] in done])
+
+
+# ---------- the driver ----------
+
+@dataclass
+class LabelResult:
+    output: str
+    total: int = 0
+    resumed: int = 0
+    labelled: int = 0
+    errors: int = 0
+    per_language: dict = field(default_factory=dict)
+    known: int = 0
+    correct: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        langs = ", ".join(f"{k} {v}" for k, v in sorted(self.per_language.items(), key=lambda kv: -kv[1]))
+        acc = f"; accuracy {self.correct / self.known:.4f} on {self.known} files whose language the name tells" \
+            if self.known else ""
+        return (f"{self.total} files in {self.output}: {self.resumed} from an earlier run, {self.labelled} labelled now "
+                f"in {self.seconds:.1f} s, {self.errors} errors. Languages: {langs or 'none'}{acc}")
+
+
+def true_language(key: str, labels: Sequence[str]) -> Optional[str]:
+    """The language a file's name or folder tells (Kaggle name, or a parent folder named after a language)."""
+    from langid.sources import BadName, parse_kaggle_name
+
+    name = key.split(MEMBER_SEP)[-1]
+    try:
+        return parse_kaggle_name(os.path.basename(name))["language"]
+    except BadName:
+        parts = name.replace("\\", "/").split("/")[:-1]
+        return next((p for p in reversed(parts) if p in labels), None)
+
+
+def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions = LabelOptions(),
+              segments: Optional[str] = None, parquet: Optional[str] = None, all_files: bool = False,
+              actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, batch_size: int = 16,
+              progress: bool = True) -> LabelResult:
+    """Label every input file into `output` (CSV), resuming from `<output>.partial`; Ray must be initialised."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from langid.inputs import is_archive, list_inputs
+    from langid.model import read_metadata
+
+    t0 = time.perf_counter()
+    meta = read_metadata(model_dir)
+    labels = meta["labels"]
+    if opts.languages:
+        unknown = [x for x in opts.languages if x not in labels]
+        if unknown:
+            raise ValueError(f"--languages {','.join(unknown)} not in the model (it knows {','.join(labels)})")
+    if not 0 <= opts.overlap < 1:
+        raise ValueError("--overlap must be in [0, 1)")
+    columns = csv_columns(labels, opts)
+    partial = output + PARTIAL
+    if os.path.exists(output) and not os.path.exists(partial):
+        os.replace(output, partial)  # a finished run being extended: new files are appended, then renamed back
+    done = recover_partial(partial, columns)
+    seg_partial = segments + PARTIAL if segments else None
+    if segments:
+        if os.path.exists(segments) and not os.path.exists(seg_partial):
+            os.replace(segments, seg_partial)
+        filter_segments(seg_partial, done)
+    if not os.path.exists(partial):
+        _rewrite(partial, columns, [])
+    paths, kind = list_inputs(input_spec, all_files)
+    units = []
+    plain = [p for p in paths if not (kind != "directory" and is_archive(p)) and p not in done]
+    for i in range(0, len(plain), 64):
+        units.append({"archive": False, "spec": "", "paths": plain[i:i + 64]})
+    for p in paths:
+        if kind != "directory" and is_archive(p):
+            units.append({"archive": True, "spec": p, "paths": []})
+    result = LabelResult(output=output, resumed=len(done))
+    if units:
+        cfg = meta["feature_config"]
+        ds = ray.data.from_items(units, override_num_blocks=len(units))
+        ds = ds.map_batches(read_items, fn_args=(all_files, frozenset(done)), batch_size=1,
+                            batch_format="pyarrow", num_cpus=0.25)
+        # a remote-args function keeps Ray Data from fusing decoding into the model actors: decoding stays in
+        # parallel tasks on every free CPU while the actors only run the network
+        ds = ds.map_batches(featurize_batch, fn_args=(cfg.to_dict(), opts.hop_seconds_factor, opts.max_seconds),
+                            batch_size=4, batch_format="pyarrow", ray_remote_args_fn=lambda: {"num_cpus": 1})
+        ds = ds.map_batches(Predictor, fn_constructor_args=(model_dir, opts, int(max(1, cpus_per_actor))),
+                            batch_size=batch_size, batch_format="pyarrow", concurrency=actors,
+                            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
+        bar = tqdm(desc="label", unit="file", disable=not progress)
+        with open(partial, "a", newline="", encoding="utf-8", errors="surrogateescape") as f, \
+                (open(seg_partial, "a", newline="", encoding="utf-8", errors="surrogateescape")
+                 if seg_partial else open(os.devnull, "w")) as sf:
+            w, sw = csv.writer(f), csv.writer(sf)
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for row in batch.to_pylist():
+                    if row["path"] in done:
+                        continue
+                    done.add(row["path"])
+                    if seg_partial and row["segments"]:
+                        for start, end, lang, conf in json.loads(row["segments"]):
+                            sw.writerow([row["path"], round(start, 3), round(end, 3), lang, round(conf, 6)])
+                        sf.flush()
+                    w.writerow(_csv_row(row, labels, opts))
+                    result.labelled += 1
+                f.flush()
+                bar.update(batch.num_rows)
+        bar.close()
+    if seg_partial:
+        os.replace(seg_partial, segments)
+    os.replace(partial, output)
+    _summarise(output, labels, result)
+    if parquet:
+        write_parquet(output, parquet)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _csv_row(row: dict, labels: Sequence[str], opts: LabelOptions) -> list:
+    values = [row[c] if row[c] is not None else "" for c in BASE_COLUMNS]
+    if opts.probabilities:
+        probs = json.loads(row["probabilities"]) if row["probabilities"] else {}
+        values += [f"{probs[x]:.6f}" if x in probs else "" for x in labels]
+    return values
+
+
+def _summarise(output: str, labels: Sequence[str], result: LabelResult) -> None:
+    with open(output, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        for row in csv.DictReader(f):
+            result.total += 1
+            if row["status"] != "ok":
+                result.errors += 1
+                continue
+            result.per_language[row["language"]] = result.per_language.get(row["language"], 0) + 1
+            truth = true_language(row["path"], labels)
+            if truth is not None:
+                result.known += 1
+                result.correct += truth == row["language"]
+
+
+def write_parquet(csv_path: str, parquet_path: str) -> None:
+    """The finished CSV as typed Parquet (atomically), for DuckDB/Arrow users."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pacsv.read_csv(csv_path, convert_options=pacsv.ConvertOptions(
+        column_types={"path": pa.string(), "language": pa.string(), "error": pa.string(),
+                      "top_languages": pa.string(), "status": pa.string()},
+        strings_can_be_null=False))
+    tmp = parquet_path + ".tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, parquet_path)
