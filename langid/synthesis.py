@@ -226,7 +226,6 @@ def _variant_pools(seed: int, train_speakers: int, test_speakers: int) -> dict[s
     for g, (names, gender) in enumerate(((MALE_VARIANTS, "m"), (FEMALE_VARIANTS, "f"))):
         names = [v for v in names if known.get(v) == gender]
         rng.shuffle(names)
-        # a proportional share, so that different languages get different test voices
         k = max(-(-test_speakers // 2), round(len(names) * test_speakers / max(train_speakers + test_speakers, 1)))
         k = min(k, len(names) - -(-train_speakers // 2))
         pools["test"][g].extend(names[:k])
@@ -239,18 +238,17 @@ def _variant_pools(seed: int, train_speakers: int, test_speakers: int) -> dict[s
 
 
 def make_speakers(language: str, train_speakers: int, test_speakers: int, seed: int = 0) -> list[Speaker]:
-    """The language's speakers, men and women alternating; test voices are never used for training in any language."""
+    """The speakers of a language, men and women alternating; test voices are never used for training.
+
+    Every language gets the same voices with the same pitch and rate: each speaker reads in every
+    language, so the voice says nothing about the language and a model must learn the language itself.
+    """
     pools = _variant_pools(seed, train_speakers, test_speakers)
-    # rotate by a hash of the language (not its position in the list) so reruns with other languages agree
-    offset = int(hashlib.md5(language.encode()).hexdigest(), 16)
-    chosen = []
-    for split, count in (("test", test_speakers), ("train", train_speakers)):
-        for i in range(count):
-            names = pools[split][(offset + i) % 2]
-            chosen.append((split, names[(offset // 2 + i // 2) % len(names)]))
+    chosen = [(split, pools[split][i % 2][i // 2]) for split, count in (("test", test_speakers), ("train", train_speakers))
+              for i in range(count)]
     speakers = []
     for split, variant in chosen:
-        rng = random.Random(f"speaker:{seed}:{language}:{variant}")
+        rng = random.Random(f"speaker:{seed}:{variant}")
         pitch, rate, prange = rng.randint(35, 65), rng.randint(150, 195), rng.randint(35, 75)
         name = f"{split}:{variant}:{pitch}:{rate}:{prange}"
         rid = hashlib.md5(f"{language}|{name}|{seed}".encode()).hexdigest()
