@@ -11,7 +11,7 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from langid.synthesis import build_demo_corpus  # noqa: E402
+from langid.synthesis import build_demo_corpus, build_long_files  # noqa: E402
 
 DEFAULT_NOISE_DIR = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "noise"))
 
@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for voices, text and augmentations")
     p.add_argument("--noise-dir", default=DEFAULT_NOISE_DIR if os.path.isdir(DEFAULT_NOISE_DIR) else "",
                    help="folder of noise recordings to mix in; empty or missing: generated white/pink/brown noise")
+    p.add_argument("--long-files", type=_count, default=3,
+                   help="long files that switch language halfway (test voices), in --long-dir")
+    p.add_argument("--long-dir", help="where the long files go (default: a folder 'long' beside OUTPUT)")
     p.add_argument("--workers", type=_positive, default=2, help="parallel processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -70,6 +73,8 @@ def main(argv=None) -> int:
             args.output, languages=languages, train_speakers=args.train_speakers, test_speakers=args.test_speakers,
             fragments=args.fragments, speed=args.speed, pitch=args.pitch, noise=args.noise, seed=args.seed,
             noise_dir=args.noise_dir or None, workers=args.workers, progress=not args.quiet)
+        long_dir = args.long_dir or os.path.join(os.path.dirname(os.path.abspath(args.output)), "long")
+        long_files = build_long_files(args.output, long_dir, args.long_files)
     except ValueError as e:
         print(f"make_demo_corpus.py: error: {e}", file=sys.stderr)
         return 2
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
           f"{sum(result['files']['test'].values())} test; train+test per language: {per_language}) from "
           f"{result['speakers']['train']} training and {result['speakers']['test']} test speakers, noise "
           f"{result['noise']}; {result['written']} written, {result['total'] - result['written']} already there, "
-          f"in {result['seconds']:.1f} s.")
+          f"in {result['seconds']:.1f} s. {len(long_files)} long two-language files in {long_dir}.")
     return 0
 
 

@@ -43,7 +43,7 @@ def list_inputs(spec: str, all_files: bool = False) -> tuple[list[str], str]:
         return sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p) and _wanted(p, all_files)), "glob"
     if spec.startswith("@") or (os.path.isfile(spec) and spec.lower().endswith((".txt", ".lst"))):
         listfile = spec[1:] if spec.startswith("@") else spec
-        with open(listfile, encoding="utf-8") as f:
+        with open(listfile, encoding="utf-8", errors="surrogateescape") as f:  # names need not be UTF-8
             return [line.rstrip("\r\n") for line in f if line.strip()], "list"
     if os.path.isdir(spec):
         out = []
@@ -72,23 +72,28 @@ def iter_items(spec: str, all_files: bool = False, skip: frozenset = frozenset()
             yield item
 
 
-def iter_archive(path: str, all_files: bool = False) -> Iterator[Item]:
-    """Members of a tar or zip archive in order, each read whole into memory (streaming for .tar.gz)."""
+def iter_archive(path: str, all_files: bool = False, name: Optional[str] = None) -> Iterator[Item]:
+    """Members of a tar or zip archive in order, each read whole into memory (streaming for .tar.gz).
+
+    Keys are `name::member`; `name` (default: `path`) is the archive as the user gave it, while `path`
+    is where to open it (absolute in Ray workers, whose working directory is not the driver's).
+    """
+    name = path if name is None else name
     try:
         if path.lower().endswith(".zip"):
-            yield from _iter_zip(path, all_files)
+            yield from _iter_zip(path, all_files, name)
         else:
-            yield from _iter_tar(path, all_files)
+            yield from _iter_tar(path, all_files, name)
     except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as e:
-        yield Item(key=f"{path}{MEMBER_SEP}", error=f"unreadable archive ({' '.join(str(e).split())[:150]})")
+        yield Item(key=f"{name}{MEMBER_SEP}", error=f"unreadable archive ({' '.join(str(e).split())[:150]})")
 
 
-def _iter_tar(path: str, all_files: bool) -> Iterator[Item]:
+def _iter_tar(path: str, all_files: bool, name: str) -> Iterator[Item]:
     with tarfile.open(path, mode="r|*") as tar:  # a stream: one pass, no seeking back
         for m in tar:
             if m.isdir() or not _wanted(m.name, all_files):
                 continue
-            key = f"{path}{MEMBER_SEP}{m.name}"
+            key = f"{name}{MEMBER_SEP}{m.name}"
             if m.issym() or m.islnk():
                 yield Item(key=key, error="archive member is a link; links are not followed")
             elif not m.isfile():
@@ -102,12 +107,12 @@ def _iter_tar(path: str, all_files: bool) -> Iterator[Item]:
                 yield Item(key=key, data=f.read() if f else b"")
 
 
-def _iter_zip(path: str, all_files: bool) -> Iterator[Item]:
+def _iter_zip(path: str, all_files: bool, name: str) -> Iterator[Item]:
     with zipfile.ZipFile(path) as z:
         for info in z.infolist():
             if info.is_dir() or not _wanted(info.filename, all_files):
                 continue
-            key = f"{path}{MEMBER_SEP}{info.filename}"
+            key = f"{name}{MEMBER_SEP}{info.filename}"
             is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
             if is_link:
                 yield Item(key=key, error="archive member is a link; links are not followed")

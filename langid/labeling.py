@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -19,12 +21,14 @@ import numpy as np
 import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
-from langid.inputs import MEMBER_SEP, iter_items
+from langid.inputs import MEMBER_SEP, Item, iter_archive
 
 BASE_COLUMNS = ["path", "language", "confidence", "top_languages", "duration", "windows", "windows_used",
                 "status", "error"]
 SEGMENT_COLUMNS = ["path", "start", "end", "language", "confidence"]
 PARTIAL = ".partial"
+UNIT_FILES = 16  # at most this many paths per Ray Data block
+ARCHIVE_BLOCK_BYTES = 8 << 20
 
 
 @dataclass
@@ -39,6 +43,23 @@ class LabelOptions:
     @property
     def hop_seconds_factor(self) -> float:
         return 1.0 - self.overlap
+
+
+# ---------- keys through Arrow ----------
+# A file name that is not UTF-8 reaches Python with its odd bytes as surrogate escapes (\udc80-\udcff), which
+# Arrow strings (every Ray Data block) refuse. Between the driver and the workers such a character travels as
+# NUL + the byte's character: reversible, because no path or archive member name contains NUL. The CSV gets
+# the original bytes back (it is written with errors="surrogateescape").
+_SURROGATE = re.compile("[\udc80-\udcff]")
+_ESCAPED = re.compile("\x00(.)", re.S)
+
+
+def to_wire(text: Optional[str]) -> Optional[str]:
+    return None if text is None else _SURROGATE.sub(lambda m: "\x00" + chr(ord(m.group()) - 0xDC00), text)
+
+
+def from_wire(text: Optional[str]) -> Optional[str]:
+    return None if text is None else _ESCAPED.sub(lambda m: chr(0xDC00 + ord(m.group(1))), text)
 
 
 # ---------- pipeline stages (run in Ray tasks and actors) ----------
@@ -56,8 +77,8 @@ def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seco
                "starts": [], "speech": []}
         if rec["error"] is None:
             try:
-                audio = load_audio(row["data"] if row.get("data") is not None else row["path"], cfg.sample_rate,
-                                   max_seconds=max_seconds)
+                source = row["data"] if row.get("data") is not None else _openable(from_wire(row["path"]))
+                audio = load_audio(source, cfg.sample_rate, max_seconds=max_seconds)
                 specs, starts, speech = [], [], []
                 for start, chunk, flags in windows(audio.samples, cfg, hop):
                     specs.append(log_mel(chunk, cfg).astype(np.float16))
@@ -66,11 +87,23 @@ def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seco
                 rec.update(duration=audio.duration, n_windows=len(specs), specs=np.stack(specs).tobytes(),
                            starts=starts, speech=speech)
             except AudioError as e:
-                rec["error"] = str(e)
+                rec["error"] = to_wire(str(e))  # libsndfile's message may quote the path
             except MemoryError:
                 rec["error"] = "too large to decode in memory"
         out.append(rec)
     return pa.Table.from_pylist(out, schema=FEATURE_SCHEMA)
+
+
+def _openable(path: str):
+    """The path, or for a name that is not UTF-8 (which libsndfile's wrapper cannot encode) its opened file."""
+    if _SURROGATE.search(path) is None:
+        return path
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return path  # decoding says "empty file" without opening it
+    try:
+        return io.BytesIO(open(path, "rb").read())
+    except OSError as e:
+        raise AudioError(f"cannot open: {e.strerror or e}") from None
 
 
 FEATURE_SCHEMA = pa.schema([
@@ -144,12 +177,22 @@ def merge_segments(segments: list) -> list:
 
 
 def read_items(batch: pa.Table, all_files: bool, skip: frozenset):
-    """Generator stage: expand an input (path chunk or archive) into rows with a path or the member's bytes."""
+    """Generator stage: expand an input (path chunk or archive) into rows with a path or the member's bytes.
+
+    Keys are the paths as the user gave them; files are opened relative to the driver's working directory
+    (`cwd` of the unit), since a Ray worker's own working directory is the cluster's, not the driver's.
+    """
     rows = []
     for unit in batch.to_pylist():
-        for item in iter_items(unit["spec"], all_files, skip) if unit["archive"] else [
-                _path_item(p) for p in unit["paths"]]:
-            rows.append({"key": item.key, "path": item.path, "data": item.data, "error": item.error})
+        base = from_wire(unit["cwd"])
+        if unit["archive"]:
+            spec = from_wire(unit["spec"])
+            items = _unique(iter_archive(os.path.join(base, spec), all_files, name=spec), skip)
+        else:
+            items = (Item(key=p, path=os.path.join(base, p)) for p in map(from_wire, unit["paths"]))
+        for item in items:
+            rows.append({"key": to_wire(item.key), "path": to_wire(item.path), "data": item.data,
+                         "error": to_wire(item.error)})
             if len(rows) >= 8:
                 yield pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
                 rows = []
@@ -157,10 +200,12 @@ def read_items(batch: pa.Table, all_files: bool, skip: frozenset):
         yield pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
 
 
-def _path_item(path: str):
-    from langid.inputs import Item
-
-    return Item(key=path, path=path)
+def _unique(items, skip: frozenset):
+    seen = set()
+    for item in items:
+        if item.key not in seen and item.key not in skip:
+            seen.add(item.key)
+            yield item
 
 
 ITEM_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("data", pa.large_binary()),
@@ -180,17 +225,17 @@ def recover_partial(path: str, columns: list[str]) -> set:
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         text = f.read()
     rows = []
+    cut_in_quotes = False
     try:
         for row in csv.reader(io.StringIO(text), strict=True):
             rows.append(row)
     except csv.Error:
-        pass  # a crash cut the last row inside a quoted field
-    complete = text.endswith("\n")
-    if rows and not complete:
+        cut_in_quotes = True  # a crash cut the last row inside a quoted field (maybe just after a newline in it)
+    complete = text.endswith("\n") and not cut_in_quotes
+    if rows and not complete and not cut_in_quotes:
         rows.pop()  # cut mid-row
-    if rows and rows[0] != columns:
-        raise ValueError(f"{path} was written with other columns ({','.join(rows[0])}); use a new --output "
-                         "or the same flags")
+    if rows:
+        _check_header(path, columns)
     body = [r for r in rows[1:] if len(r) == len(columns)]
     seen, unique = set(), []
     for r in body:
@@ -200,6 +245,14 @@ def recover_partial(path: str, columns: list[str]) -> set:
     if len(unique) != len(rows) - 1 or not complete or not rows:
         _rewrite(path, columns, unique)
     return seen
+
+
+def _check_header(path: str, columns: list[str]) -> None:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        header = next(csv.reader(f), None)
+    if header is not None and header != columns:
+        raise ValueError(f"{path} was written with other columns ({','.join(header)}); use a new --output "
+                         "or the same flags")
 
 
 def _rewrite(path: str, columns: list[str], rows: list) -> None:
@@ -281,6 +334,7 @@ def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions =
     columns = csv_columns(labels, opts)
     partial = output + PARTIAL
     if os.path.exists(output) and not os.path.exists(partial):
+        _check_header(output, columns)  # other flags: refused while the finished CSV is still under its name
         os.replace(output, partial)  # a finished run being extended: new files are appended, then renamed back
     done = recover_partial(partial, columns)
     seg_partial = segments + PARTIAL if segments else None
@@ -292,23 +346,33 @@ def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions =
         _rewrite(partial, columns, [])
     paths, kind = list_inputs(input_spec, all_files)
     units = []
+    cwd = os.getcwd()  # relative inputs and the model are resolved here, not in the workers' own directory
     plain = [p for p in paths if not (kind != "directory" and is_archive(p)) and p not in done]
-    for i in range(0, len(plain), 64):
-        units.append({"archive": False, "spec": "", "paths": plain[i:i + 64]})
+    # small units: each is one block all the way through, so decoding runs in parallel tasks and rows reach
+    # the partial file (and survive a crash) a few at a time instead of all at the end
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    chunk = max(1, min(UNIT_FILES, math.ceil(len(plain) / (4 * cpus))))
+    for i in range(0, len(plain), chunk):
+        units.append({"archive": False, "spec": "", "paths": [to_wire(p) for p in plain[i:i + chunk]],
+                      "cwd": to_wire(cwd)})
     for p in paths:
         if kind != "directory" and is_archive(p):
-            units.append({"archive": True, "spec": p, "paths": []})
+            units.append({"archive": True, "spec": to_wire(p), "paths": [], "cwd": to_wire(cwd)})
     result = LabelResult(output=output, resumed=len(done))
     if units:
         cfg = meta["feature_config"]
         ds = ray.data.from_items(units, override_num_blocks=len(units))
+        # an archive is one unit: its members (bytes) leave the reading task in blocks of this size rather
+        # than Ray Data's default 128 MiB, which would hold back and serialise hundreds of files at a time
+        ds.context.target_max_block_size = ARCHIVE_BLOCK_BYTES
         ds = ds.map_batches(read_items, fn_args=(all_files, frozenset(done)), batch_size=1,
                             batch_format="pyarrow", num_cpus=0.25)
         # a remote-args function keeps Ray Data from fusing decoding into the model actors: decoding stays in
         # parallel tasks on every free CPU while the actors only run the network
         ds = ds.map_batches(featurize_batch, fn_args=(cfg.to_dict(), opts.hop_seconds_factor, opts.max_seconds),
                             batch_size=4, batch_format="pyarrow", ray_remote_args_fn=lambda: {"num_cpus": 1})
-        ds = ds.map_batches(Predictor, fn_constructor_args=(model_dir, opts, int(max(1, cpus_per_actor))),
+        ds = ds.map_batches(Predictor,  # the actors open the model from the cluster's working directory
+                            fn_constructor_args=(os.path.abspath(model_dir), opts, int(max(1, cpus_per_actor))),
                             batch_size=batch_size, batch_format="pyarrow", concurrency=actors,
                             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
         bar = tqdm(desc="label", unit="file", disable=not progress)
@@ -318,6 +382,7 @@ def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions =
             w, sw = csv.writer(f), csv.writer(sf)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for row in batch.to_pylist():
+                    row["path"], row["error"] = from_wire(row["path"]), from_wire(row["error"])
                     if row["path"] in done:
                         continue
                     done.add(row["path"])
@@ -363,14 +428,25 @@ def _summarise(output: str, labels: Sequence[str], result: LabelResult) -> None:
 
 
 def write_parquet(csv_path: str, parquet_path: str) -> None:
-    """The finished CSV as typed Parquet (atomically), for DuckDB/Arrow users."""
+    """The finished CSV as typed Parquet (atomically), for DuckDB/Arrow users.
+
+    Text that is not UTF-8 (a file name's odd bytes, kept as they are in the CSV) becomes `\\xNN` here,
+    since Parquet strings must be UTF-8.
+    """
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    table = pacsv.read_csv(csv_path, convert_options=pacsv.ConvertOptions(
-        column_types={"path": pa.string(), "language": pa.string(), "error": pa.string(),
-                      "top_languages": pa.string(), "status": pa.string()},
-        strings_can_be_null=False))
+    text_columns = ("path", "language", "error", "top_languages", "status")
+    table = pacsv.read_csv(csv_path, parse_options=pacsv.ParseOptions(newlines_in_values=True),  # names may hold \n
+                           convert_options=pacsv.ConvertOptions(
+        column_types={c: pa.binary() for c in text_columns}, strings_can_be_null=False))
+    for name in text_columns:
+        column = table.column(name)
+        try:
+            text = column.cast(pa.string())
+        except pa.ArrowInvalid:
+            text = pa.array([b.decode("utf-8", "backslashreplace") for b in column.to_pylist()], pa.string())
+        table = table.set_column(table.schema.get_field_index(name), name, text)
     tmp = parquet_path + ".tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, parquet_path)

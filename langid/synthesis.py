@@ -455,3 +455,32 @@ def build_demo_corpus(root: str, languages: Iterable[str] = ("en", "de", "es"), 
         "noise": "files from " + noise_dir if _noise_bank(noise_dir) else "generated",
         "seconds": round(time.time() - start, 1),
     }
+
+
+def build_long_files(root: str, out_dir: str, count: int = 3, fragments_per_language: int = 3) -> list[str]:
+    """Long files that switch language: a corpus's test fragments of two languages back to back, in out_dir.
+
+    Named `<lang1>-<lang2>_<k>.flac`; each holds `fragments_per_language` consecutive 10-s fragments of one
+    test speaker in the first language, then as many of a test speaker in the second.
+    """
+    import soundfile as sf
+
+    test = os.path.join(root, "test", "test")
+    by_language: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(test)) if os.path.isdir(test) else []:
+        if name.endswith(".flac"):
+            by_language.setdefault(name.split("_", 1)[0], []).append(os.path.join(test, name))
+    languages = sorted(by_language)
+    if len(languages) < 2:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for k in range(count):
+        first, second = languages[k % len(languages)], languages[(k + 1) % len(languages)]
+        path = os.path.join(out_dir, f"{first}-{second}_{k + 1}.flac")
+        if not os.path.exists(path):
+            parts = [sf.read(p, dtype="float32")[0] for lang in (first, second)
+                     for p in by_language[lang][:fragments_per_language]]
+            write_flac(path, np.concatenate(parts))
+        written.append(path)
+    return written

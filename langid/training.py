@@ -369,6 +369,7 @@ def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optiona
     output = tc.output
     cfg = Store(tc.store).read_config()
     labels = store_labels(tc.store)
+    check_run_settings(output, tc, labels)
     state = None
     if pretrained:
         state, message = imagenet_weights(tc.arch, weights_file)
@@ -396,6 +397,29 @@ def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optiona
         _, _, progress, best = load_checkpoint_dir(d)
     return export_model(output, tc, cfg, labels, progress, best, pretrained=state is not None,
                         seconds=time.time() - t0)
+
+
+RESUME_KEYS = ("store", "arch", "stages", "batch_size", "seed", "spec_augment")
+
+
+def check_run_settings(output: str, tc: TrainConfig, labels: list[str]) -> None:
+    """Record a run's settings in OUTPUT/run.json; a rerun (which resumes) must ask for the same ones."""
+    import pyarrow.fs as pafs
+
+    from langid.store import filesystem, write_bytes_atomic
+
+    fs, root = filesystem(output)
+    path = f"{root}/run.json"
+    mine = json.loads(json.dumps({**{k: tc.to_dict()[k] for k in RESUME_KEYS}, "labels": labels}))
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            old = json.loads(f.read())
+        diff = [k for k in mine if old.get(k) != mine[k]]
+        if diff:
+            raise ValueError(f"{output} holds a run with other settings ({', '.join(diff)}); rerun with the same "
+                             "flags to resume it, or use a new --output")
+        return
+    write_bytes_atomic(fs, path, json.dumps(mine, indent=2).encode())
 
 
 def export_model(output: str, tc: TrainConfig, cfg: FeatureConfig, labels: list[str], progress: dict,
