@@ -215,9 +215,10 @@ def run_job(model_dir: str, input_spec: str, output: str, audio_seconds: float, 
         rows = list(csv.DictReader(f))
     windows = sum(int(r["windows"] or 0) for r in rows)
     errors = sum(r["status"] != "ok" for r in rows)
-    # steady rate: from the first rows seen in the partial file to the end (start-up left out)
+    # steady rate: from the first rows seen in the partial file to the end (start-up left out); only when
+    # at least half the rows came after that, else the "rate" is two bursts close together
     steady, first = None, clock.timeline[0] if clock.timeline else None
-    if first is not None and first[1] < len(rows):
+    if first is not None and first[1] <= len(rows) / 2 and end - first[0] >= 1.0:
         steady = (len(rows) - first[1]) / (end - first[0]) * (windows / max(1, len(rows)))
     return {"name": name, "files": len(rows), "errors": errors, "audio_s": audio_seconds, "wall": wall,
             "files_per_s": len(rows) / wall, "rtf": audio_seconds / wall, "windows": windows,

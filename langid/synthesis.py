@@ -398,7 +398,7 @@ def _build_speaker(job: dict) -> int:
     return len(todo)
 
 
-def build_demo_corpus(root: str, languages: Iterable[str] = ("en", "de", "es"), train_speakers: int = 4,
+def build_demo_corpus(root: str, languages: Iterable[str] = ("en", "de", "es"), train_speakers: int = 6,
                       test_speakers: int = 2, fragments: int = 6, speed: int = 1, pitch: int = 1, noise: int = 1,
                       seed: int = 0, noise_dir: Optional[str] = None, workers: int = 2, progress: bool = True) -> dict:
     """Synthesise the corpus under root/train/train and root/test/test; returns file counts and seconds taken.
