@@ -14,7 +14,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -39,6 +39,14 @@ class LabelOptions:
     overlap: float = 0.0  # fraction of a window shared with the next one, for long files
     probabilities: bool = False
     max_seconds: float = 4 * 3600.0
+
+    def __post_init__(self):
+        if not 0 <= self.overlap < 1:
+            raise ValueError("--overlap must be in [0, 1)")
+        if not 0 <= self.min_confidence <= 1:
+            raise ValueError("--min-confidence must be in [0, 1]")
+        if self.top_k < 1:
+            raise ValueError("--top-k must be at least 1")
 
     @property
     def hop_seconds_factor(self) -> float:
@@ -329,8 +337,8 @@ def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions =
         unknown = [x for x in opts.languages if x not in labels]
         if unknown:
             raise ValueError(f"--languages {','.join(unknown)} not in the model (it knows {','.join(labels)})")
-    if not 0 <= opts.overlap < 1:
-        raise ValueError("--overlap must be in [0, 1)")
+    if parquet and not opts.probabilities:  # the Parquet output carries the full probability vector
+        opts = replace(opts, probabilities=True)
     columns = csv_columns(labels, opts)
     partial = output + PARTIAL
     if os.path.exists(output) and not os.path.exists(partial):

@@ -129,3 +129,18 @@ def per_group_accuracy(y_true, y_pred, groups: Sequence[Hashable]) -> dict:
         n, c = out.get(key, (0, 0))
         out[key] = (n + 1, c + int(ok))
     return {g: {"n": n, "accuracy": c / n} for g, (n, c) in out.items()}
+
+
+def fit_temperature(logits: np.ndarray, y_true) -> float:
+    """Temperature T minimising the NLL of softmax(logits / T) (Guo et al. 2017), searched over log T."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    y = np.asarray(y_true)
+    logits = np.asarray(logits, dtype=np.float64)
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean())
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))

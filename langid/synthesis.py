@@ -242,6 +242,7 @@ def make_speakers(language: str, train_speakers: int, test_speakers: int, seed: 
 
     Every language gets the same voices with the same pitch and rate: each speaker reads in every
     language, so the voice says nothing about the language and a model must learn the language itself.
+    The recording id is the voice's, shared by its recordings in all languages.
     """
     pools = _variant_pools(seed, train_speakers, test_speakers)
     chosen = [(split, pools[split][i % 2][i // 2]) for split, count in (("test", test_speakers), ("train", train_speakers))
@@ -251,7 +252,9 @@ def make_speakers(language: str, train_speakers: int, test_speakers: int, seed: 
         rng = random.Random(f"speaker:{seed}:{variant}")
         pitch, rate, prange = rng.randint(35, 65), rng.randint(150, 195), rng.randint(35, 75)
         name = f"{split}:{variant}:{pitch}:{rate}:{prange}"
-        rid = hashlib.md5(f"{language}|{name}|{seed}".encode()).hexdigest()
+        # one id per voice across languages: the grouped split then holds a voice out in every language,
+        # as a split by speaker does (the Kaggle ids name recordings, which never change language)
+        rid = hashlib.md5(f"{name}|{seed}".encode()).hexdigest()
         speakers.append(Speaker(language, split, variant, available_variants()[variant], pitch, rate, prange, rid))
     return speakers
 

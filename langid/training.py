@@ -422,6 +422,20 @@ def check_run_settings(output: str, tc: TrainConfig, labels: list[str]) -> None:
     write_bytes_atomic(fs, path, json.dumps(mine, indent=2).encode())
 
 
+def calibrate(model: LangIdNet, store: str, labels: list[str], batch_size: int = 32) -> dict:
+    """Temperature scaling fitted on the validation windows, so reported confidences mean what they say."""
+    from langid.metrics import fit_temperature
+
+    Xv, yv, _, _ = read_split(store, "valid", labels)
+    model.eval()
+    with torch.no_grad():
+        logits = np.concatenate([model(torch.from_numpy(Xv[i:i + batch_size].astype(np.float32))[:, None]).numpy()
+                                 for i in range(0, len(yv), batch_size)])
+    t = fit_temperature(logits, yv)
+    nll = lambda temp: float(-torch.log_softmax(torch.from_numpy(logits) / temp, 1)[np.arange(len(yv)), yv].mean())
+    return {"temperature": t, "valid_nll_uncalibrated": nll(1.0), "valid_nll_calibrated": nll(t), "windows": len(yv)}
+
+
 def export_model(output: str, tc: TrainConfig, cfg: FeatureConfig, labels: list[str], progress: dict,
                  best: dict, pretrained: bool, seconds: float) -> dict:
     """Model folder: the last stage's best weights as the model, each stage's best under stages/, history, curves."""
@@ -443,6 +457,7 @@ def export_model(output: str, tc: TrainConfig, cfg: FeatureConfig, labels: list[
         save_model(model, folder, labels, cfg, {**meta, "metrics": {"valid": progress["best"][stage_name]}})
     model = LangIdNet(tc.arch, len(labels))
     model.load_state_dict(best[last])
+    meta["calibration"] = calibrate(model, tc.store, labels)
     save_model(model, output, labels, cfg, meta)
     history = progress["history"]
     with open(os.path.join(output, "history.csv"), "w", newline="") as f:

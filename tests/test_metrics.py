@@ -216,3 +216,16 @@ def test_plots_import_does_not_load_pyplot():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    """Labels drawn from softmax(z / 3) make T = 3 the maximum-likelihood temperature for logits z."""
+    from langid.metrics import fit_temperature
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 4, size=(20000, 3))
+    p = np.exp(z / 3) / np.exp(z / 3).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    assert abs(fit_temperature(z, y) - 3.0) < 0.15
+    # confident and right: sharpening (T < 1) lowers the NLL
+    assert fit_temperature(np.array([[2.0, 0.0], [0.0, 2.0]] * 50), np.array([0, 1] * 50)) < 0.2
