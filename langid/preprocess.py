@@ -87,6 +87,16 @@ def _window_table(rows: list[dict]) -> pa.Table:
     return pa.table(cols)
 
 
+MIN_FILES_PER_TASK = 4
+
+
+def files_per_task(n_files: int, batch_size: int, cpus: int) -> int:
+    """Files per task (and shard): up to batch_size, fewer so that every CPU gets about four tasks (no worker
+    idles through a long last round), but not below a few files (tiny shards cost more than they save)."""
+    spread = math.ceil(n_files / (4 * max(1, cpus)))
+    return max(1, min(batch_size, max(spread, MIN_FILES_PER_TASK)))
+
+
 @dataclass
 class PreprocessResult:
     store: str
@@ -134,9 +144,7 @@ def run_preprocess(
     todo = [r for r in records if r["path"] not in done]
     result = PreprocessResult(store=output, files_seen=len(records), skipped_done=len(records) - len(todo))
     if todo:
-        # at least four tasks per CPU, so no worker idles through a long last round
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        batch_size = max(1, min(batch_size, math.ceil(len(todo) / (4 * cpus))))
+        batch_size = files_per_task(len(todo), batch_size, int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / batch_size))
         out = ds.map_batches(process_batch, fn_args=(output, cfg, png, max_seconds),
                              batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import REPO
 from langid.config import FeatureConfig
-from langid.preprocess import run_preprocess
+from langid.preprocess import files_per_task, run_preprocess
 from langid.sources import KAGGLE_PATTERN
 from langid.store import CONFIG_KEY, ERRORS, WINDOWS, Store, StoreError, logmel_matrix, write_bytes_atomic
 
@@ -56,6 +56,13 @@ def done(ray_local, kaggle_tree, tmp_path):
 
 
 @pytest.mark.slow
+def test_files_per_task_spreads_work_but_keeps_shards_reasonable():
+    assert files_per_task(73080, 32, 64) == 32  # big jobs: full batches
+    assert files_per_task(200, 32, 2) == 25  # four tasks per CPU
+    assert files_per_task(3, 32, 2) == 4 and files_per_task(24, 8, 2) == 4  # never tiny shards
+    assert files_per_task(10, 2, 2) == 2  # an explicit small batch size wins
+
+
 def test_end_to_end(done):
     tree, store_dir, res = done
     inputs = _inputs(tree)
@@ -105,7 +112,12 @@ def test_end_to_end(done):
     assert st.read_config() == CFG
     shards = sorted(store_dir.glob("*/*.parquet"))
     assert {p.parent.name for p in shards} == {WINDOWS, ERRORS}
-    assert len(list((store_dir / WINDOWS).glob("*.parquet"))) == 3  # 24 files in batches of 8
+    per_task = files_per_task(24, 8, 2)  # the fixture's Ray has 2 CPUs
+    assert per_task == 4
+    # every shard holds at most per_task files, and together they hold the 20 ok files
+    sizes = [len(set(pq.read_table(p, columns=["path"]).column("path").to_pylist()))
+             for p in (store_dir / WINDOWS).glob("*.parquet")]
+    assert max(sizes) <= per_task and sum(sizes) == len(win_paths)
     for shard in shards:
         meta = pq.read_schema(shard).metadata
         assert FeatureConfig.from_json(meta[CONFIG_KEY]) == CFG

@@ -195,13 +195,21 @@ def test_read_manifest(tmp_path, sep, suffix):
     assert uri["path"] == "s3://bucket/e.wav" and uri["error"] is None
 
 
-@pytest.mark.parametrize("header", ["file,language", "path,lang", "path", ""])
+@pytest.mark.parametrize("header", ["name,language", "path,lang", "path", ""])
 def test_read_manifest_missing_columns(tmp_path, header):
     manifest = tmp_path / "m.csv"
     manifest.write_text(header + "\n" + ("x.wav,en\n" if header else ""), encoding="utf-8")
     with pytest.raises(ValueError) as ei:
         read_manifest(str(manifest))
     assert "path" in str(ei.value) and "language" in str(ei.value) and str(manifest) in str(ei.value)
+
+
+def test_read_manifest_accepts_file_column(tmp_path):
+    """The shared realspeech manifest names its path column `file`."""
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("file\tlanguage\nde/a.wav\tde\n", encoding="utf-8")
+    (rec,) = read_manifest(str(manifest))
+    assert rec["path"] == str(tmp_path / "de" / "a.wav") and rec["language"] == "de" and rec["error"] is None
 
 
 def test_discover_missing_input_and_unknown_format(tmp_path):
