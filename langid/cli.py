@@ -21,6 +21,12 @@ def _add_ray_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_answer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--languages", help="answer only among these, e.g. en,de")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="below this, the answer is 'unknown'")
+    p.add_argument("--top-k", type=int, default=3, help="languages listed with their probabilities (default %(default)s)")
+
+
 def _add_feature_flags(p: argparse.ArgumentParser) -> None:
     d = FeatureConfig()
     g = p.add_argument_group("features (saved in the store; training and labeling reuse them)")
@@ -228,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True,
                    help="directory (recursive), glob ('data/**/*.flac'), file list (@list.txt), or .tar/.tar.gz/.zip")
     p.add_argument("--output", required=True, help="CSV to write (rows accumulate in OUTPUT.partial until done)")
-    p.add_argument("--languages", help="answer only among these, e.g. en,de")
-    p.add_argument("--min-confidence", type=float, default=0.0, help="below this, the answer is 'unknown'")
-    p.add_argument("--top-k", type=int, default=3, help="languages listed in top_languages (default %(default)s)")
+    _add_answer_flags(p)
     p.add_argument("--overlap", type=float, default=0.0, help="window overlap for long files, 0-0.9 (default 0)")
     p.add_argument("--probabilities", action="store_true", help="add one p_<language> column per language")
     p.add_argument("--segments", help="also write a per-segment timeline CSV here (start, end, language)")
@@ -248,9 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict the language of each file in this process (no Ray): a table, or --json.")
     p.add_argument("files", nargs="+", help="audio files")
     p.add_argument("--model", required=True, help="model folder written by train")
-    p.add_argument("--languages", help="answer only among these, e.g. en,de")
-    p.add_argument("--min-confidence", type=float, default=0.0, help="below this, the answer is 'unknown'")
-    p.add_argument("--top-k", type=int, default=3)
+    _add_answer_flags(p)
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_predict)

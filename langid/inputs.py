@@ -94,17 +94,25 @@ def _iter_tar(path: str, all_files: bool, name: str) -> Iterator[Item]:
             if m.isdir() or not _wanted(m.name, all_files):
                 continue
             key = f"{name}{MEMBER_SEP}{m.name}"
-            if m.issym() or m.islnk():
-                yield Item(key=key, error="archive member is a link; links are not followed")
-            elif not m.isfile():
-                yield Item(key=key, error="archive member is not a regular file")
-            elif m.size > MAX_MEMBER_BYTES:
-                yield Item(key=key, error=f"archive member larger than {MAX_MEMBER_BYTES >> 30} GiB")
-            elif m.name.lower().endswith(ARCHIVE_SUFFIXES):
-                yield Item(key=key, error="nested archive; extract it or label it on its own")
+            problem = _member_problem(m.name, m.size, m.issym() or m.islnk(), m.isfile())
+            if problem:
+                yield Item(key=key, error=problem)
             else:
                 f = tar.extractfile(m)
                 yield Item(key=key, data=f.read() if f else b"")
+
+
+def _member_problem(name: str, size: int, is_link: bool, is_file: bool) -> Optional[str]:
+    """Why an archive member is not read, or None: links are never followed, nothing huge or nested is opened."""
+    if is_link:
+        return "archive member is a link; links are not followed"
+    if not is_file:
+        return "archive member is not a regular file"
+    if size > MAX_MEMBER_BYTES:
+        return f"archive member larger than {MAX_MEMBER_BYTES >> 30} GiB"
+    if name.lower().endswith(ARCHIVE_SUFFIXES):
+        return "nested archive; extract it or label it on its own"
+    return None
 
 
 def _iter_zip(path: str, all_files: bool, name: str) -> Iterator[Item]:
@@ -114,12 +122,9 @@ def _iter_zip(path: str, all_files: bool, name: str) -> Iterator[Item]:
                 continue
             key = f"{name}{MEMBER_SEP}{info.filename}"
             is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-            if is_link:
-                yield Item(key=key, error="archive member is a link; links are not followed")
-            elif info.file_size > MAX_MEMBER_BYTES:
-                yield Item(key=key, error=f"archive member larger than {MAX_MEMBER_BYTES >> 30} GiB")
-            elif info.filename.lower().endswith(ARCHIVE_SUFFIXES):
-                yield Item(key=key, error="nested archive; extract it or label it on its own")
+            problem = _member_problem(info.filename, info.file_size, is_link, True)
+            if problem:
+                yield Item(key=key, error=problem)
             else:
                 try:
                     yield Item(key=key, data=z.read(info))
