@@ -2,7 +2,7 @@
 """Bulk-label an audio archive (directory, glob, file list, tar/zip) to a CSV with a langid model, on Ray.
 
 Locally:    python jobs/label.py --model model/ --input archive.tar.gz --output labels.csv
-On Ray:     ray submit cluster.yaml jobs/label.py --model s3://b/model --input /data/audio --output labels.csv
+On Ray:     ray submit cluster.yaml jobs/label.py --model /shared/model --input /shared/audio --output labels.csv
 """
 import os
 import sys

@@ -2,7 +2,7 @@
 """Preprocess audio into a langid spectrogram store (Parquet, optional PNG), on Ray.
 
 Locally:    python jobs/preprocess.py --input data/ --output store/
-On Ray:     ray submit cluster.yaml jobs/preprocess.py --input s3://b/audio --output s3://b/store
+On Ray:     ray submit cluster.yaml jobs/preprocess.py --input /shared/audio --output s3://b/store
 """
 import os
 import sys

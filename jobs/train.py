@@ -2,7 +2,7 @@
 """Train the staged ResNet fine-tune on a langid store with fastai on Ray Train.
 
 Locally:    python jobs/train.py --store store/ --output model/ --arch resnet18 --workers 2
-On Ray:     ray submit cluster.yaml jobs/train.py --store s3://b/store --output s3://b/model --workers 4 --gpu
+On Ray:     ray submit cluster.yaml jobs/train.py --store s3://b/store --output /shared/model --workers 4 --gpu
 """
 import os
 import sys

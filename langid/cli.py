@@ -23,8 +23,23 @@ def _add_ray_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_answer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--languages", help="answer only among these, e.g. en,de")
-    p.add_argument("--min-confidence", type=float, default=0.0, help="below this, the answer is 'unknown'")
-    p.add_argument("--top-k", type=int, default=3, help="languages listed with their probabilities (default %(default)s)")
+    p.add_argument("--min-confidence", type=_probability, default=0.0, help="below this, the answer is 'unknown'")
+    p.add_argument("--top-k", type=_positive_int, default=3,
+                   help="languages listed with their probabilities (default %(default)s)")
+
+
+def _probability(text: str) -> float:
+    v = float(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return v
 
 
 def _add_feature_flags(p: argparse.ArgumentParser) -> None:
@@ -49,7 +64,9 @@ def cmd_preprocess(a: argparse.Namespace) -> int:
     from langid.runtime import init_ray, quiet_ray_data
 
     cfg = _feature_config(a)
-    if "://" not in a.input and not os.path.exists(a.input):  # before Ray starts: a typo costs no start-up
+    if "://" in a.input:
+        raise UserError(f"{a.input}: audio inputs are local (or shared) paths; only the store may be a URI")
+    if not os.path.exists(a.input):  # before Ray starts: a typo costs no start-up
         raise FileNotFoundError(f"{a.input}: no such directory or manifest file")
     how = init_ray(a.address, a.num_cpus)
     quiet_ray_data()
@@ -68,7 +85,7 @@ def cmd_preprocess(a: argparse.Namespace) -> int:
 def _floats(text: str) -> list[float]:
     try:
         return [float(eval_fraction(x)) for x in text.split(",")]
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
@@ -80,6 +97,8 @@ def eval_fraction(x: str) -> float:
 def _three(name: str, values: list[float]) -> list[float]:
     if len(values) != 3:
         raise UserError(f"{name} takes three comma-separated values (one per stage), got {len(values)}")
+    if any(v < 0 for v in values):
+        raise UserError(f"{name} takes values >= 0, got {values}")
     return values
 
 
@@ -89,6 +108,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from langid.training import TrainConfig, default_schedule, lr_find, run_training
 
     epochs = [int(e) for e in _three("--epochs", a.epochs)]
+    if not any(epochs):
+        raise UserError("--epochs: at least one stage needs an epoch")
     stages = default_schedule(epochs, _three("--lr", a.lr), _three("--lr-divisors", a.lr_divisors))
     gpu = default_device(a.gpu).type == "cuda"
     tc = TrainConfig(store=a.store, output=a.output, arch=a.arch, stages=stages, batch_size=a.batch_size,
@@ -98,7 +119,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         res = lr_find(tc, pretrained=not a.no_pretrained, weights_file=a.weights)
         print(f"suggested learning rate (valley): {res['valley']:.2e}; plot: {res['plot']}")
         return 0
-    how = init_ray(a.address, a.num_cpus, quiet=False)
+    how = init_ray(a.address, a.num_cpus, quiet=a.quiet)
     print(f"langid train: {how}; {a.workers} worker(s) on {'GPU' if gpu else 'CPU'}, {a.arch}", file=sys.stderr)
     res = run_training(tc, pretrained=not a.no_pretrained, weights_file=a.weights,
                        log=lambda m: print(f"langid train: {m}", file=sys.stderr))
@@ -125,7 +146,9 @@ def cmd_label(a: argparse.Namespace) -> int:
     from langid.model import read_metadata
     from langid.runtime import init_ray, quiet_ray_data
 
-    read_metadata(a.model)  # a missing or bad model fails before Ray starts
+    from langid.inference import check_languages
+
+    check_languages(_languages(a.languages), read_metadata(a.model)["labels"])  # before Ray starts
     opts = LabelOptions(languages=_languages(a.languages), min_confidence=a.min_confidence, top_k=a.top_k,
                         overlap=a.overlap, probabilities=a.probabilities or bool(a.parquet), max_seconds=a.max_seconds)
     how = init_ray(a.address, a.num_cpus)

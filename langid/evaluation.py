@@ -39,7 +39,7 @@ def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", 
     if not paths:
         raise StoreError(f"{store_uri}: no windows in split {split!r}")
     window_lp, speech = np.concatenate(lps), np.array(speech)
-    # a file's score: its speech windows (all of them when none is speech), as the labeling job does
+    # a file's score: its speech windows, or all of them when none is speech (labeling answers "unknown" then)
     has_speech = {p for p, s in zip(paths, speech) if s}
     keep = np.array([s or p not in has_speech for p, s in zip(paths, speech)])
     kept = [p for p, k in zip(paths, keep) if k]

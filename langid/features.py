@@ -72,6 +72,16 @@ def windows(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None =
         yield start / cfg.sample_rate, pad_or_crop(chunk, size), flags
 
 
+def window_features(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None = None):
+    """(specs (n, n_mels, frames) float32, start seconds (n,), speech mask (n,)) for a whole signal."""
+    specs, starts, speech = [], [], []
+    for start, chunk, flags in windows(samples, cfg, hop_seconds):
+        specs.append(log_mel(chunk, cfg))
+        starts.append(start)
+        speech.append("silent" not in flags)
+    return np.stack(specs), np.array(starts), np.array(speech)
+
+
 def file_flags(duration: float, rms_dbfs: float, peak_dbfs: float, cfg: FeatureConfig) -> list[str]:
     """Quality flags of a whole file, judged on the source level before normalisation."""
     flags = []

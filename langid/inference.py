@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from langid.audio import AudioError, load_audio
-from langid.features import log_mel, windows
+from langid.features import window_features
 from langid.model import load_model as _load_weights
 
 UNKNOWN = "unknown"
@@ -66,12 +66,7 @@ class LanguageIdentifier:
 
     def file_windows(self, samples: np.ndarray, hop_seconds: Optional[float] = None):
         """(specs, starts, speech mask) for a mono signal at the model's rate."""
-        specs, starts, speech = [], [], []
-        for start, chunk, flags in windows(samples, self.cfg, hop_seconds):
-            specs.append(log_mel(chunk, self.cfg))
-            starts.append(start)
-            speech.append("silent" not in flags)
-        return np.stack(specs), np.array(starts), np.array(speech)
+        return window_features(samples, self.cfg, hop_seconds)
 
     def decide(self, path: str, window_logprobs: np.ndarray, starts: np.ndarray, speech: np.ndarray,
                duration: float, languages: Optional[Sequence[str]] = None, min_confidence: float = 0.0,
@@ -102,9 +97,7 @@ class LanguageIdentifier:
     def candidate_indices(self, languages: Optional[Sequence[str]]) -> list[int]:
         if not languages:
             return list(range(len(self.labels)))
-        unknown = [x for x in languages if x not in self.labels]
-        if unknown:
-            raise ValueError(f"languages {unknown} are not in the model (it knows {', '.join(self.labels)})")
+        check_languages(languages, self.labels)
         return [self.labels.index(x) for x in dict.fromkeys(languages)]
 
     # ----- files -----
@@ -154,6 +147,13 @@ class LanguageIdentifier:
             return normalize(resample(x, sample_rate, self.cfg.sample_rate)), len(x) / sample_rate
         audio = load_audio(source, self.cfg.sample_rate)
         return audio.samples, audio.duration
+
+
+def check_languages(languages: Optional[Sequence[str]], labels: Sequence[str]) -> None:
+    """Candidate languages must be ones the model knows."""
+    unknown = [x for x in languages or () if x not in labels]
+    if unknown:
+        raise ValueError(f"languages {','.join(unknown)} are not in the model (it knows {','.join(labels)})")
 
 
 def load_model(path: str, device: Optional[str] = None) -> LanguageIdentifier:

@@ -58,20 +58,6 @@ def list_inputs(spec: str, all_files: bool = False) -> tuple[list[str], str]:
     raise FileNotFoundError(f"{spec}: no such file, directory, glob match or archive")
 
 
-def iter_items(spec: str, all_files: bool = False, skip: frozenset = frozenset()) -> Iterator[Item]:
-    """Every input once (archives expanded into members), skipping keys in `skip` without reading them."""
-    paths, kind = list_inputs(spec, all_files)
-    seen = set()
-    for path in paths:
-        items = iter_archive(path, all_files) if kind in ("archive", "list", "glob") and is_archive(path) else [
-            Item(key=path, path=path)]
-        for item in items:
-            if item.key in seen or item.key in skip:
-                continue
-            seen.add(item.key)
-            yield item
-
-
 def iter_archive(path: str, all_files: bool = False, name: Optional[str] = None) -> Iterator[Item]:
     """Members of a tar or zip archive in order, each read whole into memory (streaming for .tar.gz).
 

@@ -75,7 +75,7 @@ def from_wire(text: Optional[str]) -> Optional[str]:
 def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seconds: float) -> pa.Table:
     """Decode + windows + log-mel for a batch of inputs; a failure becomes that row's error."""
     from langid.config import FeatureConfig
-    from langid.features import log_mel, windows
+    from langid.features import window_features
 
     cfg = FeatureConfig.from_dict(cfg_dict)
     hop = cfg.window_seconds * hop_factor
@@ -87,13 +87,10 @@ def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seco
             try:
                 source = row["data"] if row.get("data") is not None else _openable(from_wire(row["path"]))
                 audio = load_audio(source, cfg.sample_rate, max_seconds=max_seconds)
-                specs, starts, speech = [], [], []
-                for start, chunk, flags in windows(audio.samples, cfg, hop):
-                    specs.append(log_mel(chunk, cfg).astype(np.float16))
-                    starts.append(start)
-                    speech.append("silent" not in flags)
-                rec.update(duration=audio.duration, n_windows=len(specs), specs=np.stack(specs).tobytes(),
-                           starts=starts, speech=speech)
+                # float32 as in the API, so the job gives exactly the API's answers
+                specs, starts, speech = window_features(audio.samples, cfg, hop)
+                rec.update(duration=audio.duration, n_windows=len(specs), specs=specs.tobytes(),
+                           starts=starts.tolist(), speech=speech.tolist())
             except AudioError as e:
                 rec["error"] = to_wire(str(e))  # libsndfile's message may quote the path
             except MemoryError:
@@ -137,7 +134,7 @@ class Predictor:
         shape = (ident.cfg.n_mels, ident.cfg.window_frames)
         rows = batch.to_pylist()
         ok = [r for r in rows if r["error"] is None]
-        specs = [np.frombuffer(r["specs"], np.float16).reshape(-1, *shape) for r in ok]
+        specs = [np.frombuffer(r["specs"], np.float32).reshape(-1, *shape) for r in ok]
         lp = ident.logprobs(np.concatenate(specs)) if specs else None
         out, offset = [], 0
         results = {}
@@ -333,10 +330,9 @@ def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions =
     t0 = time.perf_counter()
     meta = read_metadata(model_dir)
     labels = meta["labels"]
-    if opts.languages:
-        unknown = [x for x in opts.languages if x not in labels]
-        if unknown:
-            raise ValueError(f"--languages {','.join(unknown)} not in the model (it knows {','.join(labels)})")
+    from langid.inference import check_languages  # here, not at the top: decode tasks need no torch
+
+    check_languages(opts.languages, labels)
     if parquet and not opts.probabilities:  # the Parquet output carries the full probability vector
         opts = replace(opts, probabilities=True)
     columns = csv_columns(labels, opts)

@@ -80,9 +80,7 @@ def process_batch(batch: pa.Table, store_uri: str, cfg: FeatureConfig, png: bool
 def _window_table(rows: list[dict]) -> pa.Table:
     cols = {k: [r[k] for r in rows] for k in rows[0] if k != "logmel"}
     flat = np.concatenate([r["logmel"] for r in rows]).astype(np.float32, copy=False)
-    offsets = np.arange(0, len(flat) + 1, len(rows[0]["logmel"]), dtype=np.int32)
-    if len(offsets) != len(rows) + 1:  # windows of different sizes cannot share one offset step
-        offsets = np.concatenate([[0], np.cumsum([len(r["logmel"]) for r in rows])]).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum([len(r["logmel"]) for r in rows])]).astype(np.int32)
     cols["logmel"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
     return pa.table(cols)
 

@@ -61,8 +61,12 @@ class TrainConfig:
 
 # ---------- data ----------
 
-def read_split(store_uri: str, split: str, labels: Optional[list[str]] = None):
-    """(X float16 (n, n_mels, frames), y int64, labels, table without logmel) for one split of a store."""
+def read_split(store_uri: str, split: str, labels: Optional[list[str]] = None, share: Optional[tuple] = None):
+    """(X float16 (n, n_mels, frames), y int64, labels, table without logmel) for one split of a store.
+
+    `share` = (rank, world, seed) keeps only that rank's part (see `partition`) before building the array.
+    """
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     store = Store(store_uri)
@@ -70,11 +74,11 @@ def read_split(store_uri: str, split: str, labels: Optional[list[str]] = None):
     if labels is None:
         labels = sorted(set(table.column("language").to_pylist()))
     index = {lang: i for i, lang in enumerate(labels)}
-    import pyarrow as pa
-
     table = table.filter(pa.array([lang in index for lang in table.column("language").to_pylist()], pa.bool_()))
     if table.num_rows == 0:
         raise StoreError(f"{store_uri}: no windows in split {split!r} for languages {labels}")
+    if share is not None:
+        table = table.take(pa.array(partition(table.num_rows, *share)))
     X = logmel_matrix(table).astype(np.float16)
     y = np.array([index[lang] for lang in table.column("language").to_pylist()], dtype=np.int64)
     return X, y, labels, table.drop_columns(["logmel"])
@@ -229,10 +233,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(tc["cpus_per_worker"])))
     device = rtt.get_device()
 
-    Xt, yt, labels, _ = read_split(tc["store"], "train", config["labels"])
+    Xt, yt, labels, _ = read_split(tc["store"], "train", config["labels"], share=(rank, world, tc["seed"]))
     Xv, yv, _, _ = read_split(tc["store"], "valid", labels)
-    part = partition(len(yt), rank, world, tc["seed"])
-    Xt, yt = Xt[part], yt[part]
 
     state_dict = ray.get(config["pretrained"]) if config.get("pretrained") is not None else None
     model = LangIdNet(tc["arch"], len(labels), resnet_state=state_dict).to(device)
