@@ -155,7 +155,8 @@ def test_evaluate_outputs_agree_with_each_other_and_the_store(store, tmp_path):
         mean = used.mean(axis=0)
         want = np.exp(mean - np.logaddexp.reduce(mean))
         got = probs[pred.index[pred.path == path][0]]
-        np.testing.assert_allclose(got, want, atol=2e-6, err_msg=path)
+        # float32 convolutions differ in the last digits with the batch they run in (evaluate batches across files)
+        np.testing.assert_allclose(got, want, atol=5e-5, err_msg=path)
         if MIXED.encode().hex()[:8] in path:
             assert speech.tolist() == [True, True, False]  # the test's premise: one silent window
             everything = lp.mean(axis=0)
