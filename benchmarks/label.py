@@ -143,18 +143,20 @@ def tree_rss() -> int:
     return total
 
 
-class PeakSampler:
-    """Samples tree_rss() every `every` seconds in a thread; .peak after stop()."""
+class Poller:
+    """Calls self.poll() every `every` seconds in a background thread while the `with` block runs."""
 
-    def __init__(self, every: float = 0.25):
-        self.every, self.peak, self.samples = every, 0, 0
+    def __init__(self, every: float):
+        self.every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def poll(self):
+        raise NotImplementedError
+
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss())
-            self.samples += 1
+            self.poll()
             self._stop.wait(self.every)
 
     def __enter__(self):
@@ -164,19 +166,34 @@ class PeakSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+class PeakSampler(Poller):
+    """Samples tree_rss() every `every` seconds in a thread; .peak after the block."""
+
+    def __init__(self, every: float = 0.25):
+        super().__init__(every)
+        self.peak, self.samples = 0, 0
+
+    def poll(self):
+        self.peak = max(self.peak, tree_rss())
+        self.samples += 1
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
         self.peak = max(self.peak, tree_rss())
 
 
 # ---------------------------------------------------------------- the job
 
-class RowClock:
+class RowClock(Poller):
     """Watches `<output>.partial`: when rows arrive, to tell start-up from the steady rate."""
 
     def __init__(self, output: str):
+        super().__init__(0.05)
         self.partial = output + ".partial"
         self.timeline: list[tuple[float, int]] = []  # (perf_counter, rows) at each change
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._last = 0
 
     def _rows(self) -> int:
         try:
@@ -185,22 +202,11 @@ class RowClock:
         except (OSError, csv.Error):
             return 0
 
-    def _run(self):
-        last = 0
-        while not self._stop.is_set():
-            n = self._rows()
-            if n > last:
-                self.timeline.append((time.perf_counter(), n))
-                last = n
-            self._stop.wait(0.05)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def poll(self):
+        n = self._rows()
+        if n > self._last:
+            self.timeline.append((time.perf_counter(), n))
+            self._last = n
 
 
 def run_job(model_dir: str, input_spec: str, output: str, audio_seconds: float, name: str) -> dict:

@@ -35,11 +35,18 @@ def _probability(text: str) -> float:
     return v
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return v
+def int_at_least(minimum: int):
+    """argparse type: a whole number >= minimum."""
+    def parse(text: str) -> int:
+        v = int(text)
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return v
+
+    return parse
+
+
+_positive_int = int_at_least(1)
 
 
 def _add_feature_flags(p: argparse.ArgumentParser) -> None:
