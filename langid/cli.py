@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UserError, StoreError, ModelError, *USER_ERRORS) as e:
+        if os.environ.get("LANGID_DEBUG"):  # the traceback behind a one-line error, for bug reports
+            raise
         print(f"langid {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ import logging
 import os
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB_RUNTIME_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> str:
@@ -14,10 +15,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if ray.is_initialized():
         return "already running"
     address = address or os.environ.get("RAY_ADDRESS")
-    # workers must import langid even when it is run from a checkout rather than installed
-    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
-    kwargs = dict(runtime_env=runtime_env, log_to_driver=not quiet, logging_level=logging.WARNING)
+    kwargs = dict(log_to_driver=not quiet, logging_level=logging.WARNING)
+    if JOB_RUNTIME_ENV not in os.environ:
+        # workers must import langid even when it is run from a checkout rather than installed; a job sent with
+        # `ray job submit --working-dir` has its code shipped already, and Ray refuses a driver's env_vars that
+        # conflict with the job's own
+        pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
     if address:
         ray.init(address=address, **kwargs)
         return f"joined Ray cluster at {address}"
