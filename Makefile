@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/label.py
+	$(PY) benchmarks/scaling.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

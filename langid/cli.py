@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from langid.config import ARCHITECTURES, FeatureConfig
 
@@ -70,23 +71,38 @@ def cmd_preprocess(a: argparse.Namespace) -> int:
     from langid.preprocess import run_preprocess
     from langid.runtime import init_ray, quiet_ray_data
 
+    from langid.uris import exists
+
     cfg = _feature_config(a)
-    if "://" in a.input:
-        raise UserError(f"{a.input}: audio inputs are local (or shared) paths; only the store may be a URI")
-    if not os.path.exists(a.input):  # before Ray starts: a typo costs no start-up
+    if not exists(a.input):  # before Ray starts: a typo costs no start-up
         raise FileNotFoundError(f"{a.input}: no such directory or manifest file")
     how = init_ray(a.address, a.num_cpus)
     quiet_ray_data()
     if not a.quiet:
         print(f"langid preprocess: {how}", file=sys.stderr)
     res = run_preprocess(a.input, a.output, cfg, a.format, a.valid_fraction, a.seed, a.png, a.batch_size,
-                         a.cpus_per_task, a.max_seconds, progress=not a.quiet, split=a.split)
+                         a.cpus_per_task, a.max_seconds, progress=not a.quiet, split=a.split,
+                         memory=a.memory_per_task)
     print(res.summary())
     for path, reason in res.errors[:10]:
         print(f"  failed: {path}: {reason}")
     if len(res.errors) > 10:
         print(f"  ... and {len(res.errors) - 10} more in {a.output}/errors")
     return 0
+
+
+def memory_size(text: str) -> int:
+    """argparse type: bytes, with an optional K/M/G/T suffix (powers of 1024), e.g. 4G."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 4G, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a size >= 0, got {text!r}")
+    return int(value)
 
 
 def _floats(text: str) -> list[float]:
@@ -118,15 +134,21 @@ def cmd_train(a: argparse.Namespace) -> int:
     if not any(epochs):
         raise UserError("--epochs: at least one stage needs an epoch")
     stages = default_schedule(epochs, _three("--lr", a.lr), _three("--lr-divisors", a.lr_divisors))
-    gpu = default_device(a.gpu).type == "cuda"
     tc = TrainConfig(store=a.store, output=a.output, arch=a.arch, stages=stages, batch_size=a.batch_size,
-                     workers=a.workers, gpu=gpu, cpus_per_worker=a.cpus_per_worker, seed=a.seed,
-                     spec_augment=not a.no_spec_augment, max_failures=a.max_failures)
-    if a.lr_find:
+                     workers=a.workers, gpu=bool(a.gpu), cpus_per_worker=a.cpus_per_worker,
+                     memory_per_worker=a.memory_per_worker, seed=a.seed, spec_augment=not a.no_spec_augment,
+                     max_failures=a.max_failures)
+    if a.lr_find:  # runs here, on this machine's device
+        tc = replace(tc, gpu=default_device(a.gpu).type == "cuda")
         res = lr_find(tc, pretrained=not a.no_pretrained, weights_file=a.weights)
         print(f"suggested learning rate (valley): {res['valley']:.2e}; plot: {res['plot']}")
         return 0
     how = init_ray(a.address, a.num_cpus, quiet=a.quiet)
+    if a.gpu is None:  # the workers' GPUs are the cluster's, not this machine's: a cluster's head often has none
+        import ray
+
+        tc = replace(tc, gpu=ray.cluster_resources().get("GPU", 0) >= 1)
+    gpu = tc.gpu  # --gpu on a cluster without GPUs yet: Ray waits for the autoscaler to start GPU nodes
     print(f"langid train: {how}; {a.workers} worker(s) on {'GPU' if gpu else 'CPU'}, {a.arch}", file=sys.stderr)
     res = run_training(tc, pretrained=not a.no_pretrained, weights_file=a.weights,
                        log=lambda m: print(f"langid train: {m}", file=sys.stderr))
@@ -150,12 +172,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_label(a: argparse.Namespace) -> int:
     from langid.labeling import LabelOptions, run_label
-    from langid.model import read_metadata
+    from langid.model import inspect_model
     from langid.runtime import init_ray, quiet_ray_data
 
     from langid.inference import check_languages
 
-    check_languages(_languages(a.languages), read_metadata(a.model)["labels"])  # before Ray starts
+    check_languages(_languages(a.languages), inspect_model(a.model)["labels"])  # before Ray starts
     opts = LabelOptions(languages=_languages(a.languages), min_confidence=a.min_confidence, top_k=a.top_k,
                         overlap=a.overlap, probabilities=a.probabilities or bool(a.parquet), max_seconds=a.max_seconds)
     how = init_ray(a.address, a.num_cpus)
@@ -164,6 +186,7 @@ def cmd_label(a: argparse.Namespace) -> int:
         print(f"langid label: {how}", file=sys.stderr)
     res = run_label(a.model, a.input, a.output, opts, segments=a.segments, parquet=a.parquet, all_files=a.all_files,
                     actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
+                    memory_per_actor=a.memory_per_actor, cpus_per_task=a.cpus_per_task,
                     batch_size=a.batch_size, progress=not a.quiet)
     print(res.summary())
     return 0
@@ -214,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="also write one PNG image per window under STORE/png")
     p.add_argument("--batch-size", type=int, default=32, help="files per task and per shard (default %(default)s)")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray CPUs reserved per task (default %(default)s)")
+    p.add_argument("--memory-per-task", type=memory_size, default=0,
+                   help="memory reserved per task for Ray's scheduler, e.g. 2G (default: none reserved)")
     p.add_argument("--max-seconds", type=float, default=4 * 3600.0,
                    help="refuse files longer than this many seconds (default %(default)s)")
     _add_feature_flags(p)
@@ -234,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="per worker (default %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default %(default)s)")
     p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (default %(default)s)")
+    p.add_argument("--memory-per-worker", type=memory_size, default=0,
+                   help="memory reserved per worker, e.g. 8G (default: none reserved)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
-                   help="one GPU per worker (default: when CUDA is present)")
+                   help="one GPU per worker (default: when the Ray cluster has GPUs)")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation, no ImageNet weights")
     p.add_argument("--weights", help="ImageNet weights file for the architecture (.pth or .safetensors)")
     p.add_argument("--no-spec-augment", action="store_true", help="no time shift / masking on training batches")
@@ -274,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=1, help="model actors (default %(default)s)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="(default %(default)s)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 1 on GPU nodes (default %(default)s)")
+    p.add_argument("--memory-per-actor", type=memory_size, default=0,
+                   help="memory reserved per model actor, e.g. 2G (default: none reserved)")
+    p.add_argument("--cpus-per-task", type=float, default=1.0,
+                   help="CPUs per decoding task (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="files per inference batch (default %(default)s)")
     _add_ray_flags(p)
     p.set_defaults(func=cmd_label)

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from langid import metrics
 from langid.inference import LanguageIdentifier, load_model
 from langid.store import WINDOWS, Store, StoreError, logmel_matrix
+from langid.uris import StagedFolder, local_folder
 
 
 def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", batch_size: int = 32,
@@ -76,27 +77,27 @@ def evaluate(model_dir: str, store_uri: str, output: str, split: str = "test", b
         "per_language": report["per_language"], "confusion_matrix": report["confusion_matrix"],
         "labels": labels, "per_speaker": metrics.per_group_accuracy(y_true, y_pred, speakers),
     }
-    os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    probs = np.exp(file_lp)
-    with open(os.path.join(output, "predictions.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "speaker", "language", "predicted", "confidence", *[f"p_{x}" for x in labels]])
-        for i, path in enumerate(files):
-            w.writerow([path, speakers[i], labels[y_true[i]], labels[y_pred[i]], f"{probs[i].max():.6f}",
-                        *[f"{p:.6f}" for p in probs[i]]])
-    with open(os.path.join(output, "confusion_matrix.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["true \\ predicted", *labels])
-        for lang, row in zip(labels, report["confusion_matrix"]):
-            w.writerow([lang, *row])
-    confusion_matrix_png(np.array(report["confusion_matrix"]), labels, os.path.join(output, "confusion_matrix.png"),
-                         title=f"Confusion matrix ({split}, {len(files)} files)")
-    curves = os.path.join(model_dir, "training_curves.png")
-    if os.path.exists(curves):
-        shutil.copy(curves, os.path.join(output, "training_curves.png"))
-    write_report(result, output, has_curves=os.path.exists(curves), meta=ident.meta)
+    with StagedFolder(output) as local:  # a URI output is written locally, then copied
+        with open(os.path.join(local, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        probs = np.exp(file_lp)
+        with open(os.path.join(local, "predictions.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "speaker", "language", "predicted", "confidence", *[f"p_{x}" for x in labels]])
+            for i, path in enumerate(files):
+                w.writerow([path, speakers[i], labels[y_true[i]], labels[y_pred[i]], f"{probs[i].max():.6f}",
+                            *[f"{p:.6f}" for p in probs[i]]])
+        with open(os.path.join(local, "confusion_matrix.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["true \\ predicted", *labels])
+            for lang, row in zip(labels, report["confusion_matrix"]):
+                w.writerow([lang, *row])
+        confusion_matrix_png(np.array(report["confusion_matrix"]), labels,
+                             os.path.join(local, "confusion_matrix.png"), title=f"Confusion matrix ({split}, {len(files)} files)")
+        curves = os.path.join(local_folder(model_dir), "training_curves.png")
+        if os.path.exists(curves):
+            shutil.copy(curves, os.path.join(local, "training_curves.png"))
+        write_report(result, local, has_curves=os.path.exists(curves), meta=ident.meta)
     return result
 
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
 from langid.inputs import MEMBER_SEP, Item, iter_archive
+from langid.uris import absolute_uri, exists, is_uri, open_input, put_file, staging_path
 
 BASE_COLUMNS = ["path", "language", "confidence", "top_languages", "duration", "windows", "windows_used",
                 "status", "error"]
@@ -194,7 +195,7 @@ def read_items(batch: pa.Table, all_files: bool, skip: frozenset):
             spec = from_wire(unit["spec"])
             items = _unique(iter_archive(os.path.join(base, spec), all_files, name=spec), skip)
         else:
-            items = (Item(key=p, path=os.path.join(base, p)) for p in map(from_wire, unit["paths"]))
+            items = (Item(key=p, path=p if is_uri(p) else os.path.join(base, p)) for p in map(from_wire, unit["paths"]))
         for item in items:
             rows.append({"key": to_wire(item.key), "path": to_wire(item.path), "data": item.data,
                          "error": to_wire(item.error)})
@@ -319,16 +320,46 @@ def true_language(key: str, labels: Sequence[str]) -> Optional[str]:
 def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions = LabelOptions(),
               segments: Optional[str] = None, parquet: Optional[str] = None, all_files: bool = False,
               actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, batch_size: int = 16,
-              progress: bool = True) -> LabelResult:
-    """Label every input file into `output` (CSV), resuming from `<output>.partial`; Ray must be initialised."""
+              progress: bool = True, memory_per_actor: int = 0, cpus_per_task: float = 1.0) -> LabelResult:
+    """Label every input file into `output` (CSV), resuming from `<output>.partial`; Ray must be initialised.
+
+    Outputs at URIs are written in a local staging folder (where a rerun finds them) and copied when complete.
+    """
+    targets = [output, segments, parquet]
+    output, segments, parquet = (_staged(x) for x in targets)
+    if is_uri(targets[0]) and exists(targets[0]) and not os.path.exists(output + PARTIAL):
+        _download(targets[0], output)  # a finished run being extended, as for a local CSV
+    result = _run_label(model_dir, input_spec, output, opts, segments, parquet, all_files, actors, cpus_per_actor,
+                        gpus_per_actor, batch_size, progress, memory_per_actor, cpus_per_task)
+    for local, target in zip((output, segments, parquet), targets):
+        if target and is_uri(target):
+            put_file(local, target)
+            os.remove(local)
+    result.output = targets[0]
+    return result
+
+
+def _staged(location: Optional[str]) -> Optional[str]:
+    return staging_path(location, os.path.basename(location)) if location and is_uri(location) else location
+
+
+def _download(uri: str, local: str) -> None:
+    with open_input(uri) as src, open(local + ".download", "wb") as dst:
+        dst.write(src.read())
+    os.replace(local + ".download", local)
+
+
+def _run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions, segments: Optional[str],
+               parquet: Optional[str], all_files: bool, actors: int, cpus_per_actor: float, gpus_per_actor: float,
+               batch_size: int, progress: bool, memory_per_actor: int, cpus_per_task: float) -> LabelResult:
     import ray
     from tqdm.auto import tqdm
 
     from langid.inputs import is_archive, list_inputs
-    from langid.model import read_metadata
+    from langid.model import inspect_model
 
     t0 = time.perf_counter()
-    meta = read_metadata(model_dir)
+    meta = inspect_model(model_dir)
     labels = meta["labels"]
     from langid.inference import check_languages  # here, not at the top: decode tasks need no torch
 
@@ -363,6 +394,13 @@ def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions =
         if kind != "directory" and is_archive(p):
             units.append({"archive": True, "spec": to_wire(p), "paths": [], "cwd": to_wire(cwd)})
     result = LabelResult(output=output, resumed=len(done))
+    # actors hold their CPUs for the whole job: on a Ray with no CPU left over for one decoding task (e.g.
+    # --num-cpus 1) decoding would never be scheduled and the job would wait forever, so the actors then
+    # reserve only what decoding leaves (a cluster still at 0 CPUs is left to its autoscaler)
+    total_cpus = ray.cluster_resources().get("CPU", 0)
+    actor_cpus = cpus_per_actor
+    if 1 <= total_cpus < actors * cpus_per_actor + cpus_per_task:
+        actor_cpus = max(0.0, (total_cpus - cpus_per_task) / actors)
     if units:
         cfg = meta["feature_config"]
         ds = ray.data.from_items(units, override_num_blocks=len(units))
@@ -374,11 +412,12 @@ def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions =
         # a remote-args function keeps Ray Data from fusing decoding into the model actors: decoding stays in
         # parallel tasks on every free CPU while the actors only run the network
         ds = ds.map_batches(featurize_batch, fn_args=(cfg.to_dict(), opts.hop_seconds_factor, opts.max_seconds),
-                            batch_size=4, batch_format="pyarrow", ray_remote_args_fn=lambda: {"num_cpus": 1})
+                            batch_size=4, batch_format="pyarrow", ray_remote_args_fn=lambda: {"num_cpus": cpus_per_task})
         ds = ds.map_batches(Predictor,  # the actors open the model from the cluster's working directory
-                            fn_constructor_args=(os.path.abspath(model_dir), opts, int(max(1, cpus_per_actor))),
+                            fn_constructor_args=(absolute_uri(model_dir), opts, int(max(1, cpus_per_actor))),
                             batch_size=batch_size, batch_format="pyarrow", concurrency=actors,
-                            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
+                            num_cpus=actor_cpus, num_gpus=gpus_per_actor,
+                            **({"memory": memory_per_actor} if memory_per_actor else {}))
         bar = tqdm(desc="label", unit="file", disable=not progress)
         with open(partial, "a", newline="", encoding="utf-8", errors="surrogateescape") as f, \
                 (open(seg_partial, "a", newline="", encoding="utf-8", errors="surrogateescape")

@@ -36,8 +36,10 @@ def free_port() -> int:
 class LocalCluster:
     """Context manager: `nodes[0]` is the head, each further dict a worker node's resources (CPU, GPU, custom)."""
 
-    def __init__(self, nodes: Sequence[dict] = ({"CPU": 1}, {"CPU": 1}), start_timeout: float = 120.0):
+    def __init__(self, nodes: Sequence[dict] = ({"CPU": 1}, {"CPU": 1}), start_timeout: float = 120.0,
+                 object_store_bytes: int = 1 << 30):
         self.nodes = [dict(n) for n in nodes]
+        self.object_store_bytes = object_store_bytes  # per node; Ray's default (30% of RAM) is sized for one node
         self.start_timeout = start_timeout
         bin_dir = os.path.dirname(sys.executable)
         self.env = {**os.environ,
@@ -71,6 +73,7 @@ class LocalCluster:
         cpus, gpus = res.pop("CPU", 1), res.pop("GPU", 0)
         cmd = [self._ray(), "start", "--block", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
                f"--resources={json.dumps(res)}", f"--node-ip-address={LOOPBACK}",
+               f"--object-store-memory={self.object_store_bytes}",
                # every node on this machine needs its own agent ports; Ray's defaults are fixed numbers
                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
@@ -84,10 +87,10 @@ class LocalCluster:
         else:
             cmd += [f"--address={self.address}"]
         os.makedirs(self.logs, exist_ok=True)
-        log = open(os.path.join(self.logs, f"node{i}.log"), "wb")
-        # its own process group: teardown stops this node's raylet and workers, nothing else on the machine
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           cwd=REPO_ROOT, start_new_session=True))
+        with open(os.path.join(self.logs, f"node{i}.log"), "wb") as log:
+            # its own process group: teardown stops this node's raylet and workers, nothing else on the machine
+            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                               cwd=REPO_ROOT, start_new_session=True))
 
     def ray_cli(self, *args: str, timeout: float = 60.0) -> str:
         """Run a `ray` subcommand against this cluster; its stdout."""

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from langid.config import FeatureConfig
 from langid.model import LangIdNet, layer_groups, save_model
-from langid.store import WINDOWS, Store, StoreError, absolute_uri, logmel_matrix
+from langid.store import WINDOWS, Store, StoreError, logmel_matrix
+from langid.uris import StagedFolder, absolute_uri
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: float = 1.0
+    memory_per_worker: int = 0  # bytes reserved with Ray's scheduler; 0: none
     seed: int = 0
     spec_augment: bool = True
     max_failures: int = 2
@@ -383,7 +385,9 @@ def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optiona
         train_loop_config={"train_config": tc.to_dict(), "labels": labels,
                            "pretrained": ray.put(state) if state is not None else None},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.workers, use_gpu=tc.gpu,
-                                               resources_per_worker={"CPU": tc.cpus_per_worker}),
+                                               resources_per_worker={"CPU": tc.cpus_per_worker,
+                                                                     **({"memory": tc.memory_per_worker}
+                                                                        if tc.memory_per_worker else {})}),
         torch_config=TorchConfig(backend="nccl" if tc.gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name="train", storage_path=f"{output}/ray",
@@ -397,8 +401,10 @@ def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optiona
         raise result.error
     with result.checkpoint.as_directory() as d:
         _, _, progress, best = load_checkpoint_dir(d)
-    return export_model(output, tc, cfg, labels, progress, best, pretrained=state is not None,
-                        seconds=time.time() - t0)
+    with StagedFolder(output) as local:  # a URI output is written locally, then copied
+        res = export_model(local, tc, cfg, labels, progress, best, pretrained=state is not None,
+                           seconds=time.time() - t0)
+    return {**res, "output": output}
 
 
 RESUME_KEYS = ("store", "arch", "stages", "batch_size", "seed", "spec_augment")
@@ -408,7 +414,7 @@ def check_run_settings(output: str, tc: TrainConfig, labels: list[str]) -> None:
     """Record a run's settings in OUTPUT/run.json; a rerun (which resumes) must ask for the same ones."""
     import pyarrow.fs as pafs
 
-    from langid.store import filesystem, write_bytes_atomic
+    from langid.uris import filesystem, write_bytes_atomic
 
     fs, root = filesystem(output)
     path = f"{root}/run.json"

@@ -19,7 +19,8 @@ from conftest import REPO
 from langid.config import FeatureConfig
 from langid.preprocess import files_per_task, run_preprocess
 from langid.sources import KAGGLE_PATTERN
-from langid.store import CONFIG_KEY, ERRORS, WINDOWS, Store, StoreError, logmel_matrix, write_bytes_atomic
+from langid.store import CONFIG_KEY, ERRORS, WINDOWS, Store, StoreError, logmel_matrix
+from langid.uris import write_bytes_atomic
 
 # small windows keep the job fast: each 3 s fixture clip gives one full window and a kept 1 s tail
 CFG = FeatureConfig(window_seconds=2.0, n_mels=32)

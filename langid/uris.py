@@ -1,0 +1,142 @@
+"""Local paths and object-store URIs (s3://, gs://, file://) alike, through pyarrow's filesystems.
+
+On a cluster the nodes share files through an object store: every job reads its inputs and the model from, and
+writes the store and its outputs to, either kind of location. Folders that libraries want on a local disk (a
+model for torch, a report for matplotlib) are staged: fetched into, or written in, a local folder and copied.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Optional
+
+import pyarrow.fs as pafs
+
+# the model's metadata goes last: a reader that finds model.json finds the weights it describes
+LAST_FILES = ("model.json",)
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def absolute_uri(location: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's working directory); URIs unchanged."""
+    return location if is_uri(location) else os.path.abspath(location)
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow filesystem and path for a local path or a URI (s3://, gs://, file://)."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    return pafs.FileSystem.from_uri(location)
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts)
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write under a hidden temporary name beside the target, then rename into place."""
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = _join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+    with fs.open_output_stream(tmp) as out:
+        out.write(data)
+    fs.move(tmp, path)
+
+
+def put_file(local_path: str, location: str) -> None:
+    """Copy a finished local file to a path or URI, atomically."""
+    fs, path = filesystem(location)
+    with open(local_path, "rb") as f:
+        write_bytes_atomic(fs, path, f.read())
+
+
+def exists(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def kind(location: str) -> pafs.FileType:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type
+
+
+def list_files(location: str) -> list[str]:
+    """Every file under a folder or prefix, as URIs of the same scheme (sorted); hidden names are skipped."""
+    fs, root = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    rel = lambda p: p[len(root.rstrip("/")) + 1:]
+    return sorted(_join(location, rel(i.path)) if is_uri(location) else i.path
+                  for i in infos if i.type == pafs.FileType.File
+                  and not any(part.startswith(".") for part in rel(i.path).split("/")))
+
+
+def open_input(location: str):
+    """A seekable binary file for a path or URI (soundfile reads from it)."""
+    fs, path = filesystem(location)
+    return fs.open_input_file(path)
+
+
+_fetched: dict[str, str] = {}
+
+
+def local_folder(location: str) -> str:
+    """A local folder with the content of `location`: the path itself, or a per-process copy of a URI's folder."""
+    if not is_uri(location):
+        return location
+    if location not in _fetched:
+        fs, path = filesystem(location)
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            raise FileNotFoundError(f"{location}: no such folder")
+        dest = tempfile.mkdtemp(prefix="langid-" + hashlib.sha1(location.encode()).hexdigest()[:8] + "-")
+        pafs.copy_files(path, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        _fetched[location] = dest
+    return _fetched[location]
+
+
+def publish_folder(local: str, location: str) -> None:
+    """Copy a finished local folder to a URI, file by file, metadata last; nothing to do for a local path."""
+    if not is_uri(location) or os.path.abspath(local) == location:
+        return
+    fs, root = filesystem(location)
+    files = [os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names]
+    for rel in sorted(files, key=lambda r: (os.path.basename(r) in LAST_FILES, r)):
+        with open(os.path.join(local, rel), "rb") as f:
+            write_bytes_atomic(fs, _join(root, rel.replace(os.sep, "/")), f.read())
+
+
+class StagedFolder:
+    """A local folder to write into, published to `location` on success: `with StagedFolder(uri) as local: ...`."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.local: Optional[str] = None
+
+    def __enter__(self) -> str:
+        if is_uri(self.location):
+            self.local = tempfile.mkdtemp(prefix="langid-out-")
+        else:
+            self.local = os.path.abspath(self.location)
+            os.makedirs(self.local, exist_ok=True)
+        return self.local
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if is_uri(self.location):
+            try:
+                if exc_type is None:
+                    publish_folder(self.local, self.location)
+            finally:
+                shutil.rmtree(self.local, ignore_errors=True)
+
+
+def staging_path(location: str, name: str) -> str:
+    """A stable local path standing for a URI output while a job writes it (so a rerun finds what it wrote)."""
+    root = os.environ.get("LANGID_STAGING") or os.path.join(os.path.expanduser("~"), ".cache", "langid", "staging")
+    folder = os.path.join(root, hashlib.sha1(location.encode()).hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
