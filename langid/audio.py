@@ -9,11 +9,15 @@ from typing import BinaryIO, Union
 import numpy as np
 import soundfile as sf
 
+from langid.uris import is_uri, open_input
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
 TARGET_RMS_DBFS = -20.0
 # gain is capped so that near-silence is not blown up to full scale
 MAX_GAIN_DB = 40.0
 READ_BLOCK_FRAMES = 1 << 16
+# the highest rate audio is recorded at; a header claiming more is broken (and resampling it costs seconds)
+MAX_SOURCE_RATE = 768_000
 
 Source = Union[str, os.PathLike, BinaryIO, bytes]
 
@@ -46,19 +50,24 @@ def decode(source: Source, max_seconds: float = 4 * 3600.0) -> tuple[np.ndarray,
     """
     if isinstance(source, bytes):
         source = io.BytesIO(source)
+    if isinstance(source, str) and is_uri(source):
+        source = _open_uri(source)
     if isinstance(source, (str, os.PathLike)):
         if os.path.isdir(source):
             raise AudioError("is a directory, not an audio file")
+        if os.path.exists(source) and not os.path.isfile(source):  # a reader would block on a pipe
+            raise AudioError("not a regular file (a pipe, socket or device)")
         try:
             size = os.path.getsize(source)
         except OSError as e:
             raise AudioError(f"cannot open: {e.strerror or e}") from None
         if size == 0:
             raise AudioError("empty file (0 bytes)")
+        source = os.fsencode(source)  # as bytes, a name that is not UTF-8 opens too
     try:
         with sf.SoundFile(source) as f:
             rate, channels = f.samplerate, f.channels
-            if rate <= 0 or channels <= 0:
+            if not 0 < rate <= MAX_SOURCE_RATE or channels <= 0:
                 raise AudioError(f"invalid header: {rate} Hz, {channels} channels")
             max_frames = int(max_seconds * rate)
             blocks, total = [], 0
@@ -66,14 +75,14 @@ def decode(source: Source, max_seconds: float = 4 * 3600.0) -> tuple[np.ndarray,
                 block = f.read(READ_BLOCK_FRAMES, dtype="float32", always_2d=True)
                 if not len(block):
                     break
-                blocks.append(block.mean(axis=1, dtype=np.float32) if channels > 1 else block[:, 0].copy())
+                blocks.append(downmix(block) if channels > 1 else block[:, 0].copy())
                 total += len(block)
                 if total > max_frames:
                     raise AudioError(f"longer than the limit of {max_seconds:.0f} s (raise --max-seconds)")
     except AudioError:
         raise
     except sf.LibsndfileError as e:
-        raise AudioError(f"not a readable audio file ({_clean(e)})") from None
+        raise AudioError(f"not a readable audio file ({_clean(e.error_string)})") from None
     except PermissionError:
         raise AudioError("permission denied") from None
     except OSError as e:
@@ -88,7 +97,23 @@ def decode(source: Source, max_seconds: float = 4 * 3600.0) -> tuple[np.ndarray,
     return samples, rate, channels
 
 
-def _clean(e: Exception) -> str:
+def _open_uri(uri: str):
+    """A file in an object store, opened for block reads (soundfile seeks in it as in a local file)."""
+    try:
+        f = open_input(uri)
+    except (OSError, ValueError) as e:  # pyarrow: FileNotFoundError, ArrowInvalid (a ValueError), IOError
+        raise AudioError(f"cannot open: {_clean(e)}") from None
+    if f.size() == 0:
+        raise AudioError("empty file (0 bytes)")
+    return f
+
+
+def downmix(frames: np.ndarray) -> np.ndarray:
+    """(frames, channels) -> mono float32, the mean summed in float64: float32 sums overflow near its limit."""
+    return frames.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def _clean(e: object) -> str:
     return " ".join(str(e).split())[:200]
 
 
@@ -111,12 +136,32 @@ def normalize(samples: np.ndarray, target_dbfs: float = TARGET_RMS_DBFS) -> np.n
     return out.astype(np.float32, copy=False)
 
 
+def from_array(samples: np.ndarray, rate: float, sample_rate: int = 16000) -> np.ndarray:
+    """Mono, level-normalised float32 at `sample_rate` from an array of (frames,) or (frames, channels) at `rate`.
+
+    Raises AudioError for an array that cannot be audio (empty, NaN/inf, more than two dimensions).
+    """
+    if not (isinstance(rate, (int, float, np.number)) and 0 < rate < float("inf")):
+        raise ValueError(f"sample rate must be a positive number, got {rate!r}")
+    x = np.asarray(samples, dtype=np.float32)
+    if x.ndim not in (1, 2):
+        raise AudioError(f"expected samples as (frames,) or (frames, channels), got shape {x.shape}")
+    if x.size == 0:
+        raise AudioError("no audio samples (empty array)")
+    if not np.all(np.isfinite(x)):
+        raise AudioError("audio contains NaN or infinite samples")
+    if x.ndim == 2:
+        x = downmix(x) if x.shape[1] > 1 else x[:, 0]
+    # level first: a float file may hold values near float32's limit, which the resampling filter would overflow
+    return resample(normalize(x), rate, sample_rate)
+
+
 def load_audio(source: Source, sample_rate: int = 16000, max_seconds: float = 4 * 3600.0) -> Audio:
     """Decode, downmix to mono, resample to `sample_rate` and normalise level."""
     raw, rate, channels = decode(source, max_seconds=max_seconds)
     peak = float(np.max(np.abs(raw)))
     level = dbfs(raw)
-    samples = normalize(resample(raw, rate, sample_rate))
+    samples = from_array(raw, rate, sample_rate)
     return Audio(
         samples=samples,
         sample_rate=sample_rate,

@@ -7,6 +7,11 @@ import math
 from dataclasses import dataclass
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# ceilings that keep one window's arrays to a few hundred MiB, checked before a configuration read from a file is used
+MAX_SAMPLE_RATE = 384_000
+MAX_FFT = 1 << 16
+MAX_MELS = 2048
+MAX_WINDOW_VALUES = 1 << 26  # samples of one window, and values of its STFT or mel spectrogram
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,15 @@ class FeatureConfig:
             raise ValueError("n_fft, hop_length and n_mels must be positive")
         if self.db_ceil <= self.db_floor:
             raise ValueError("db_ceil must be above db_floor")
+        if self.top_db < 0:
+            raise ValueError(f"top_db must be >= 0, got {self.top_db}")
+        if self.sample_rate > MAX_SAMPLE_RATE or max(self.n_fft, self.hop_length) > MAX_FFT or self.n_mels > MAX_MELS:
+            raise ValueError(f"need sample_rate <= {MAX_SAMPLE_RATE}, n_fft and hop_length <= {MAX_FFT}, n_mels <= "
+                             f"{MAX_MELS}; got {self.sample_rate}, {self.n_fft}, {self.hop_length}, {self.n_mels}")
+        values = max(self.window_samples, max(1 + self.n_fft // 2, self.n_mels) * self.window_frames)
+        if values > MAX_WINDOW_VALUES:
+            raise ValueError(f"one window would hold {values:,} values (limit {MAX_WINDOW_VALUES:,}); "
+                             "shorten window_seconds or raise hop_length")
 
     @property
     def window_samples(self) -> int:
@@ -56,21 +70,28 @@ class FeatureConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureConfig":
+    def from_dict(cls, d: dict, complete: bool = False) -> "FeatureConfig":
+        """Checked values; `complete` for a saved configuration, where a default would silently change the features."""
+        if not isinstance(d, dict):
+            raise ValueError(f"feature config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown feature-config keys: {sorted(unknown)}")
+        if complete and known - set(d):
+            raise ValueError(f"missing feature-config keys: {sorted(known - set(d))}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         out = {}
         for k, v in d.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ValueError(f"feature-config key {k!r} must be a number, got {v!r}")
+            if isinstance(v, int) and abs(v) > 2 ** 53:  # past float precision, and float() overflows at 10**309
+                raise ValueError(f"feature-config key {k!r} is out of range")
             if types[k] in ("int", int) and float(v) != int(v):
                 raise ValueError(f"feature-config key {k!r} must be a whole number, got {v!r}")
             out[k] = int(v) if types[k] in ("int", int) else float(v)
         return cls(**out)
 
     @classmethod
-    def from_json(cls, s: str | bytes) -> "FeatureConfig":
-        return cls.from_dict(json.loads(s))
+    def from_json(cls, s: str | bytes, complete: bool = False) -> "FeatureConfig":
+        return cls.from_dict(json.loads(s), complete)

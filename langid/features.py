@@ -6,7 +6,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from langid.audio import dbfs
+from langid.audio import AudioError, dbfs
 from langid.config import FeatureConfig
 
 SHORT_SECONDS = 1.0
@@ -26,9 +26,17 @@ def log_mel(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
 
     Referencing the maximum (as the write-up's `power_to_db(..., ref=np.max)`) makes features
     independent of recording level; `top_db` and the floor/ceiling fix the range deterministically.
+    Raises AudioError for NaN/inf samples.
     """
     import librosa
 
+    if samples.ndim != 1:
+        raise ValueError(f"expected a mono signal (frames,), got shape {samples.shape}")
+    if not np.all(np.isfinite(samples)):
+        raise AudioError("audio contains NaN or infinite samples")
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if peak > 1.0:  # relative to the maximum, dB do not depend on level; this keeps float32 powers finite
+        samples = samples / np.float32(peak)
     stft = librosa.stft(samples, n_fft=cfg.n_fft, hop_length=cfg.hop_length, center=True, pad_mode="constant")
     power = np.abs(stft) ** 2
     mel = _mel_basis(cfg) @ power.astype(np.float32)
@@ -73,7 +81,7 @@ def windows(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None =
 
 
 def window_features(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None = None):
-    """(specs (n, n_mels, frames) float32, start seconds (n,), speech mask (n,)) for a whole signal."""
+    """(specs (n, n_mels, frames) float32, start seconds (n,), speech mask (n,)) for a whole mono signal."""
     specs, starts, speech = [], [], []
     for start, chunk, flags in windows(samples, cfg, hop_seconds):
         specs.append(log_mel(chunk, cfg))

@@ -8,7 +8,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from langid.audio import AudioError, load_audio
+from langid.audio import AudioError, from_array, load_audio
 from langid.features import window_features
 from langid.model import load_model as _load_weights
 
@@ -137,14 +137,7 @@ class LanguageIdentifier:
         if isinstance(source, np.ndarray):
             if sample_rate is None:
                 raise ValueError("give sample_rate with an array")
-            from langid.audio import normalize, resample
-
-            x = source.astype(np.float32)
-            if x.ndim == 2:
-                x = x.mean(axis=1)
-            if x.size == 0 or not np.all(np.isfinite(x)):
-                raise AudioError("empty array or NaN/inf samples")
-            return normalize(resample(x, sample_rate, self.cfg.sample_rate)), len(x) / sample_rate
+            return from_array(source, sample_rate, self.cfg.sample_rate), len(source) / sample_rate
         audio = load_audio(source, self.cfg.sample_rate)
         return audio.samples, audio.duration
 

@@ -5,14 +5,17 @@ cannot reach anything outside the archive: its name is only a label in the outpu
 """
 from __future__ import annotations
 
-import glob
 import os
+import pathlib
 import tarfile
 import zipfile
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+from pyarrow.fs import FileType
+
 from langid.audio import AUDIO_EXTENSIONS
+from langid.uris import is_uri, kind, list_files
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 MEMBER_SEP = "::"  # archive.tar::member/name.flac
@@ -38,9 +41,22 @@ def _wanted(name: str, all_files: bool) -> bool:
 
 
 def list_inputs(spec: str, all_files: bool = False) -> tuple[list[str], str]:
-    """(paths, kind) for a directory, glob, file list (@list.txt or .txt/.lst), archive or single file."""
+    """(paths, kind) for a directory, glob, file list (@list.txt or .txt/.lst), archive or single file.
+
+    A URI (s3://bucket/prefix, gs://..., file://...) names a folder (every file under it) or one file.
+    """
+    if is_uri(spec):
+        found = kind(spec)
+        if found == FileType.Directory:
+            return [p for p in list_files(spec) if _wanted(p, all_files)], "directory"
+        if found == FileType.File:
+            if spec.lower().endswith(ARCHIVE_SUFFIXES):
+                raise ValueError(f"{spec}: archives are read from a local path; copy it to the node first")
+            return [spec], "file"
+        raise FileNotFoundError(f"{spec}: no such file or folder")
     if any(c in spec for c in "*?[") and not os.path.exists(spec):
-        return sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p) and _wanted(p, all_files)), "glob"
+        # every match but folders, as in a directory: a broken link or a pipe gets its error row, not silence
+        return sorted(p for p in _glob(spec) if not os.path.isdir(p) and _wanted(p, all_files)), "glob"
     if spec.startswith("@") or (os.path.isfile(spec) and spec.lower().endswith((".txt", ".lst"))):
         listfile = spec[1:] if spec.startswith("@") else spec
         with open(listfile, encoding="utf-8", errors="surrogateescape") as f:  # names need not be UTF-8
@@ -56,6 +72,16 @@ def list_inputs(spec: str, all_files: bool = False) -> tuple[list[str], str]:
     if os.path.isfile(spec):
         return [spec], "file"
     raise FileNotFoundError(f"{spec}: no such file, directory, glob match or archive")
+
+
+def _glob(spec: str) -> list[str]:
+    """Matches of a glob pattern; `**` does not descend into symlinked folders (as the directory walk), since
+    `glob.glob` would follow a link to a parent folder round and round, exponentially with two such links."""
+    parts = spec.split(os.sep)
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root = os.sep.join(parts[:first]) or (os.sep if spec.startswith(os.sep) else ".")
+    pattern = os.sep.join(parts[first:] + (["*"] if parts[-1] == "**" else []))
+    return [str(p) for p in pathlib.Path(root).glob(pattern)]
 
 
 def iter_archive(path: str, all_files: bool = False, name: Optional[str] = None) -> Iterator[Item]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -12,7 +13,8 @@ from langid.audio import AudioError, load_audio
 from langid.config import FeatureConfig
 from langid.features import file_flags, log_mel, to_png, windows
 from langid.sources import assign_splits, discover
-from langid.store import ERRORS, WINDOWS, Store, absolute_uri, shard_id, write_bytes_atomic
+from langid.store import ERRORS, WINDOWS, Store, shard_id
+from langid.uris import absolute_uri, write_bytes_atomic
 
 FILE_KEYS = ("path", "language", "split", "recording_id", "speaker", "gender", "fragment", "augmentation",
              "augmentation_index")
@@ -23,7 +25,8 @@ def process_file(record: dict, cfg: FeatureConfig, max_seconds: float = 4 * 3600
     if record.get("error"):
         return [], record["error"]
     try:
-        audio = load_audio(record["path"], cfg.sample_rate, max_seconds=max_seconds)
+        path = os.fsdecode(record["source"]) if record.get("source") else record["path"]
+        audio = load_audio(path, cfg.sample_rate, max_seconds=max_seconds)
     except AudioError as e:
         return [], str(e)
     except MemoryError:
@@ -85,6 +88,15 @@ def _window_table(rows: list[dict]) -> pa.Table:
     return pa.table(cols)
 
 
+def utf8_record(record: dict) -> dict:
+    """The record with text Arrow can hold: a name's bytes that are not UTF-8 (which Python keeps as surrogate
+    escapes) are spelled `\\xNN` in the store; `source` keeps the real path to open."""
+    out = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if isinstance(v, str) else v
+           for k, v in record.items()}
+    out["source"] = os.fsencode(record["path"])
+    return out
+
+
 MIN_FILES_PER_TASK = 4
 
 
@@ -125,6 +137,7 @@ def run_preprocess(
     max_seconds: float = 4 * 3600.0,
     progress: bool = True,
     split: str | None = None,
+    memory: int = 0,
 ) -> PreprocessResult:
     """Discover, split, and compute every file not yet in the store; Ray must be initialised."""
     import ray
@@ -132,7 +145,7 @@ def run_preprocess(
 
     t0 = time.perf_counter()
     output = absolute_uri(output)
-    records = discover(input_path, source_format)
+    records = [utf8_record(r) for r in discover(input_path, source_format)]
     if split is not None:  # a held-out set: every file gets this split
         records = [{**r, "split": split} for r in records]
     records = assign_splits(records, valid_fraction, seed)
@@ -145,7 +158,8 @@ def run_preprocess(
         batch_size = files_per_task(len(todo), batch_size, int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / batch_size))
         out = ds.map_batches(process_batch, fn_args=(output, cfg, png, max_seconds),
-                             batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus)
+                             batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus,
+                             **({"memory": memory} if memory else {}))
         with tqdm(total=len(todo), unit="file", desc="preprocess", disable=not progress) as bar:
             for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
                 for row in batch.to_pylist():

@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
+from pyarrow.fs import FileType
+
 from langid.audio import AUDIO_EXTENSIONS
+from langid.uris import absolute_uri, is_uri, kind, list_files, open_input
 
 KAGGLE_PATTERN = "lang_gender_<32-hex recording id>.fragmentN[.speedK|.pitchK|.noiseK].flac"
+# numbers are up to 9 ASCII digits (the store keeps them as int32); \Z, since `$` also accepts a final newline
 KAGGLE_RE = re.compile(
     r"^(?P<language>[a-z]{2,3})_(?P<gender>[mf])_(?P<recording_id>[0-9a-f]{32})"
-    r"\.fragment(?P<fragment>\d+)"
-    r"(?:\.(?P<augmentation>speed|pitch|noise)(?P<augmentation_index>\d+))?"
-    r"\.flac$"
+    r"\.fragment(?P<fragment>[0-9]{1,9})"
+    r"(?:\.(?P<augmentation>speed|pitch|noise)(?P<augmentation_index>[0-9]{1,9}))?"
+    r"\.flac\Z"
 )
 SPLITS = ("train", "valid", "test")
 
@@ -64,6 +69,8 @@ def parse_kaggle_name(name: str) -> dict:
 def _walk(root: str, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[str]:
     """All files under root with an audio extension, sorted; symlinked dirs are not followed (no loops)."""
     exts = tuple(e.lower() for e in extensions)
+    if is_uri(root):
+        return [p for p in list_files(root) if p.lower().endswith(exts)]
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
@@ -73,12 +80,19 @@ def _walk(root: str, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[str]:
     return sorted(out)
 
 
-def _split_from_path(path: str) -> Optional[str]:
+def _relative(path: str, root: str) -> list[str]:
+    """The parts of `path` below `root` (paths or URIs)."""
+    if is_uri(root):
+        return path[len(root.rstrip("/")) + 1:].split("/")
+    return os.path.relpath(path, root).split(os.sep)
+
+
+def _split_from_path(parts: list[str]) -> Optional[str]:
     """'test' when the nearest ancestor named train or test is test (Kaggle's test/test, test/de).
 
     Training files get no split here: the grouped split decides between train and valid.
     """
-    for part in reversed(os.path.normpath(path).split(os.sep)[:-1]):
+    for part in reversed(parts[:-1]):
         if part in ("train", "test"):
             return "test" if part == "test" else None
     return None
@@ -86,10 +100,10 @@ def _split_from_path(path: str) -> Optional[str]:
 
 def scan_kaggle(root: str) -> list[dict]:
     """Records for every audio file under root; names off the pattern become error records."""
-    root = os.path.abspath(root)
+    root = absolute_uri(root).rstrip("/")
     records = []
     for path in _walk(root):
-        rec = SourceFile(path=path, split=_split_from_path(os.path.relpath(path, os.path.dirname(root))))
+        rec = SourceFile(path=path, split=_split_from_path(_relative(path, os.path.dirname(root))))
         try:
             fields = parse_kaggle_name(path)
         except BadName:
@@ -104,10 +118,10 @@ def scan_kaggle(root: str) -> list[dict]:
 
 def scan_folders(root: str) -> list[dict]:
     """`root/<lang>/**/*.<ext>`: the first folder is the language, the second (if any) the speaker."""
-    root = os.path.abspath(root)
+    root = absolute_uri(root).rstrip("/")
     records = []
     for path in _walk(root):
-        parts = os.path.relpath(path, root).split(os.sep)
+        parts = _relative(path, root)
         if len(parts) < 2:
             records.append(SourceFile(path=path, error="file is not inside a language folder (root/<lang>/...)").to_dict())
             continue
@@ -115,15 +129,16 @@ def scan_folders(root: str) -> list[dict]:
         speaker = parts[1] if len(parts) > 2 else os.path.splitext(parts[-1])[0]
         records.append(
             SourceFile(path=path, language=language, speaker=f"{language}/{speaker}", recording_id=f"{language}/{speaker}",
-                       split=_split_from_path(os.path.relpath(path, os.path.dirname(root)))).to_dict()
+                       split=_split_from_path(_relative(path, os.path.dirname(root)))).to_dict()
         )
     return records
 
 
 def read_manifest(path: str) -> list[dict]:
     """CSV or TSV with columns path (or file), language and optional split, speaker; relative paths are from the manifest."""
-    base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8") as f:
+    base = os.path.dirname(absolute_uri(path))
+    with (io.TextIOWrapper(open_input(path), encoding="utf-8", newline="") if is_uri(path)
+          else open(path, newline="", encoding="utf-8")) as f:
         sample = f.read(4096)
         f.seek(0)
         delimiter = "\t" if path.lower().endswith(".tsv") or sample.count("\t") > sample.count(",") else ","
@@ -135,7 +150,7 @@ def read_manifest(path: str) -> list[dict]:
         records = []
         for i, row in enumerate(reader, start=2):
             p = (row.get(path_col) or "").strip()
-            full = p if (os.path.isabs(p) or "://" in p) else os.path.join(base, p)
+            full = p if (os.path.isabs(p) or is_uri(p)) else f"{base}/{p}" if is_uri(base) else os.path.join(base, p)
             rec = SourceFile(path=full, language=(row.get("language") or "").strip() or None)
             split = (row.get("split") or "").strip() or None
             if split is not None and split not in SPLITS:
@@ -152,13 +167,13 @@ def read_manifest(path: str) -> list[dict]:
 
 
 def detect_format(input_path: str) -> str:
-    if os.path.isfile(input_path) and input_path.lower().endswith((".csv", ".tsv")):
+    found = kind(input_path)
+    if found == FileType.File and input_path.lower().endswith((".csv", ".tsv")):
         return "manifest"
-    if not os.path.isdir(input_path):
+    if found != FileType.Directory:
         raise FileNotFoundError(f"{input_path}: no such directory or manifest file")
-    for dirpath, _, filenames in os.walk(input_path):
-        if any(KAGGLE_RE.match(f) for f in filenames):
-            return "kaggle"
+    if any(KAGGLE_RE.match(p.rsplit("/", 1)[-1]) for p in _walk(input_path)):
+        return "kaggle"
     return "folders"
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from typing import Iterable, Optional
 
 import numpy as np
@@ -22,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from langid.config import FeatureConfig
+from langid.uris import _join, filesystem, write_bytes_atomic
 
 CONFIG_FILE = "feature_config.json"
 CONFIG_KEY = b"langid.feature_config"
@@ -59,32 +59,6 @@ class StoreError(Exception):
     """A store that cannot be used as asked (wrong configuration, missing, unreadable)."""
 
 
-def absolute_uri(uri: str) -> str:
-    """A local path made absolute (Ray workers do not share the driver's working directory); URIs unchanged."""
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow filesystem and path for a local path or a URI (s3://, gs://, file://)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.rstrip("/") for p in parts)
-
-
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write under a hidden temporary name beside the target, then rename into place."""
-    parent, name = path.rsplit("/", 1)
-    fs.create_dir(parent, recursive=True)
-    tmp = _join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
-    with fs.open_output_stream(tmp) as out:
-        out.write(data)
-    fs.move(tmp, path)
-
-
 def shard_id(paths: Iterable[str]) -> str:
     """Deterministic id for a batch of input files, so a retried task overwrites its own shard."""
     h = hashlib.sha1()
@@ -108,7 +82,12 @@ class Store:
         if not self.exists():
             raise StoreError(f"{self.uri}: not a langid store (no {CONFIG_FILE}); run jobs/preprocess.py first")
         with self.fs.open_input_stream(self.path(CONFIG_FILE)) as f:
-            return FeatureConfig.from_json(f.read())
+            text = f.read()
+        try:
+            return FeatureConfig.from_json(text, complete=True)
+        except ValueError as e:  # not JSON, or bad values
+            reason = " ".join(str(e).split())[:200]
+            raise StoreError(f"{self.path(CONFIG_FILE)}: bad feature configuration ({reason})") from None
 
     def init(self, cfg: FeatureConfig) -> None:
         """Create the store, or check that an existing one was built with the same features."""

@@ -1,12 +1,15 @@
-"""Shared fixtures: a real local Ray, generated audio, and the optional ../shared clips."""
+"""Shared fixtures: a real local Ray, generated audio, a small trained model, and the optional ../shared clips."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+
+from langid.config import FeatureConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -69,3 +72,83 @@ def kaggle_tree(tmp_path):
     (broken / "es_m_" f"{'ef' * 16}.fragment0.flac").write_bytes(data[: len(data) // 8])  # truncated
     (broken / "badname.flac").write_bytes(data)  # decodes, but its name says nothing
     return root
+
+
+# ---------------------------------------------------------------- a small model that tells two tones apart
+# "en" is a low tone (~300 Hz), "de" a high one (~2500 Hz): a model that separates them answers with certainty,
+# so the labeling tests can check rows, languages, segments and confidences exactly.
+
+TONE_CFG = FeatureConfig(sample_rate=16000, window_seconds=1.0, n_mels=32, hop_length=160, fmax=8000)
+FREQ = {"en": 300.0, "de": 2500.0}
+
+
+def voice(lang: str, seconds: float, seed: int = 0) -> np.ndarray:
+    """A tone of the language's band, its pitch varied a little by the seed, with some noise."""
+    return tone(FREQ[lang] * (1 + 0.03 * (seed % 5 - 2)), seconds, TONE_CFG.sample_rate, seed=seed)
+
+
+def kaggle_name(lang: str, i: int, frag: int = 0) -> str:
+    return f"{lang}_{'mf'[i % 2]}_{hashlib.md5(f'{lang}{i}'.encode()).hexdigest()}.fragment{frag}.flac"
+
+
+def _train_head(Xt, yt, labels):
+    """A resnet18 LangIdNet: random (fixed) body, head trained on its features. Seconds on a busy CPU."""
+    import torch
+
+    from langid.model import INPUT_MEAN, INPUT_STD, LangIdNet
+
+    torch.manual_seed(0)
+    model = LangIdNet("resnet18", len(labels)).eval()
+    with torch.no_grad():
+        feats = model.body((torch.from_numpy(Xt.astype(np.float32))[:, None] - INPUT_MEAN) / INPUT_STD)
+    y = torch.from_numpy(yt)
+    opt = torch.optim.Adam(model.head.parameters(), lr=1e-3)
+    model.head.train()
+    for _ in range(80):
+        loss = torch.nn.functional.cross_entropy(model.head(feats), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def model_dir(ray_local, tmp_path_factory):
+    """Kaggle-named tone corpus -> run_preprocess -> read_split -> trained resnet18 -> save_model; read-only."""
+    import torch
+
+    import langid
+    from langid.model import save_model
+    from langid.preprocess import run_preprocess
+    from langid.training import read_split
+
+    torch.set_num_threads(1)
+    rate = TONE_CFG.sample_rate
+    base = tmp_path_factory.mktemp("model")
+    corpus = base / "corpus"
+    rng = np.random.default_rng(0)
+    for lang, f0 in FREQ.items():
+        for r in range(4):
+            for frag in range(2):
+                x = tone(f0 * rng.uniform(0.85, 1.15), 3.0, rate, seed=10 * r + frag)
+                x = x + (rng.uniform(0.005, 0.05) * rng.standard_normal(len(x))).astype(np.float32)
+                write_wav(corpus / "train" / "train" / kaggle_name(lang, 100 + r, frag), x, rate)
+        write_wav(corpus / "test" / "test" / kaggle_name(lang, 200), tone(f0, 3.0, rate, seed=7), rate)
+    res = run_preprocess(str(corpus), str(base / "store"), cfg=TONE_CFG, batch_size=8, progress=False)
+    assert (res.ok, res.failed) == (18, 0), res.summary()
+    Xt, yt, labels, _ = read_split(str(base / "store"), "train")
+    Xv, yv, _, _ = read_split(str(base / "store"), "valid", labels)
+    assert labels == ["de", "en"] and len(yv) > 0
+    model = _train_head(Xt, yt, labels)
+    with torch.no_grad():
+        assert (model(torch.from_numpy(Xv.astype(np.float32))[:, None]).argmax(1).numpy() == yv).all()
+    folder = base / "model"
+    save_model(model, str(folder), labels, TONE_CFG, extra={})
+
+    # the saved model answers every tone of both bands, confidently, before any test relies on it
+    ident = langid.load_model(str(folder), "cpu")
+    sigs = [(lang, voice(lang, 3.0, seed)) for lang in FREQ for seed in range(5)]
+    preds = ident.predict_many([x for _, x in sigs], sample_rate=rate)
+    assert [p.language for p in preds] == [lang for lang, _ in sigs]
+    assert min(p.confidence for p in preds) > 0.99
+    return folder

@@ -1,4 +1,4 @@
-"""The bulk-labeling job end to end on a real local Ray, with a tiny model trained here on tones.
+"""The bulk-labeling job end to end on a real local Ray, with the tiny tone model of conftest.py.
 
 "en" is a low tone (~300 Hz), "de" a high one (~2500 Hz): a model that separates them answers every
 question below with certainty, so rows, languages, segments and confidences can all be checked exactly.
@@ -6,7 +6,6 @@ question below with certainty, so rows, languages, segments and confidences can 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -29,26 +28,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import langid
-from conftest import REPO, tone, write_wav
-from langid.config import FeatureConfig
+from conftest import REPO, TONE_CFG as CFG, kaggle_name, voice, write_wav
 from langid.labeling import BASE_COLUMNS, PARTIAL, LabelOptions, _csv_row, csv_columns, recover_partial, run_label, \
     write_parquet
 
-RATE = 16000
-CFG = FeatureConfig(sample_rate=RATE, window_seconds=1.0, n_mels=32, hop_length=160, fmax=8000)
-FREQ = {"en": 300.0, "de": 2500.0}
+RATE = CFG.sample_rate
 RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING)\s")
 
 pytestmark = pytest.mark.slow
-
-
-def voice(lang: str, seconds: float, seed: int = 0) -> np.ndarray:
-    """A tone of the language's band, its pitch varied a little by the seed, with some noise."""
-    return tone(FREQ[lang] * (1 + 0.03 * (seed % 5 - 2)), seconds, RATE, seed=seed)
-
-
-def kaggle_name(lang: str, i: int, frag: int = 0) -> str:
-    return f"{lang}_{'mf'[i % 2]}_{hashlib.md5(f'{lang}{i}'.encode()).hexdigest()}.fragment{frag}.flac"
 
 
 def read_rows(path) -> list[dict]:
@@ -90,69 +77,6 @@ def tree_snapshot(root: Path, exclude: tuple = ()) -> dict:
         st_ = p.lstat()
         out[str(p)] = (st_.st_size, st_.st_mtime_ns)
     return out
-
-
-# ---------------------------------------------------------------- the model
-
-def _train_head(Xt, yt, labels):
-    """A resnet18 LangIdNet: random (fixed) body, head trained on its features. Seconds on a busy CPU."""
-    import torch
-
-    from langid.model import INPUT_MEAN, INPUT_STD, LangIdNet
-
-    torch.manual_seed(0)
-    model = LangIdNet("resnet18", len(labels)).eval()
-    with torch.no_grad():
-        feats = model.body((torch.from_numpy(Xt.astype(np.float32))[:, None] - INPUT_MEAN) / INPUT_STD)
-    y = torch.from_numpy(yt)
-    opt = torch.optim.Adam(model.head.parameters(), lr=1e-3)
-    model.head.train()
-    for _ in range(80):
-        loss = torch.nn.functional.cross_entropy(model.head(feats), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def model_dir(ray_local, tmp_path_factory):
-    """Kaggle-named tone corpus -> run_preprocess -> read_split -> trained resnet18 -> save_model."""
-    import torch
-
-    from langid.model import save_model
-    from langid.preprocess import run_preprocess
-    from langid.training import read_split
-
-    torch.set_num_threads(1)
-    base = tmp_path_factory.mktemp("model")
-    corpus = base / "corpus"
-    rng = np.random.default_rng(0)
-    for lang, f0 in FREQ.items():
-        for r in range(4):
-            for frag in range(2):
-                x = tone(f0 * rng.uniform(0.85, 1.15), 3.0, RATE, seed=10 * r + frag)
-                x = x + (rng.uniform(0.005, 0.05) * rng.standard_normal(len(x))).astype(np.float32)
-                write_wav(corpus / "train" / "train" / kaggle_name(lang, 100 + r, frag), x, RATE)
-        write_wav(corpus / "test" / "test" / kaggle_name(lang, 200), tone(f0, 3.0, RATE, seed=7), RATE)
-    res = run_preprocess(str(corpus), str(base / "store"), cfg=CFG, batch_size=8, progress=False)
-    assert (res.ok, res.failed) == (18, 0), res.summary()
-    Xt, yt, labels, _ = read_split(str(base / "store"), "train")
-    Xv, yv, _, _ = read_split(str(base / "store"), "valid", labels)
-    assert labels == ["de", "en"] and len(yv) > 0
-    model = _train_head(Xt, yt, labels)
-    with torch.no_grad():
-        assert (model(torch.from_numpy(Xv.astype(np.float32))[:, None]).argmax(1).numpy() == yv).all()
-    folder = base / "model"
-    save_model(model, str(folder), labels, CFG, extra={})
-
-    # the saved model answers every tone of both bands, confidently, before any test relies on it
-    ident = langid.load_model(str(folder), "cpu")
-    sigs = [(lang, voice(lang, 3.0, seed)) for lang in FREQ for seed in range(5)]
-    preds = ident.predict_many([x for _, x in sigs], sample_rate=RATE)
-    assert [p.language for p in preds] == [lang for lang, _ in sigs]
-    assert min(p.confidence for p in preds) > 0.99
-    return folder
 
 
 # ---------------------------------------------------------------- inputs
