@@ -200,7 +200,7 @@ PROFILE_PHASES = [  # (label, module suffix, function, only when called from)
     ("STFT (librosa.stft)", "librosa/core/spectrum.py", "stft", "log_mel"),
     ("power_to_db", "librosa/core/spectrum.py", "power_to_db", "log_mel"),
     ("PNG encode (PIL)", "langid/features.py", "to_png", None),
-    ("PNG file writes", "langid/uris.py", "write_bytes_atomic", "process_batch"),
+    ("PNG file writes", "langid/uris.py", "write_atomic", "process_batch"),
     ("Arrow table build", "langid/preprocess.py", "_window_table", None),
     ("Parquet encode + write (zstd)", "langid/store.py", "write_shard", None),
 ]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
@@ -345,7 +346,7 @@ def _staged(location: Optional[str]) -> Optional[str]:
 
 def _download(uri: str, local: str) -> None:
     with open_input(uri) as src, open(local + ".download", "wb") as dst:
-        dst.write(src.read())
+        shutil.copyfileobj(src, dst, 1 << 20)
     os.replace(local + ".download", local)
 
 

@@ -14,7 +14,7 @@ from langid.config import FeatureConfig
 from langid.features import file_flags, log_mel, to_png, windows
 from langid.sources import assign_splits, discover
 from langid.store import ERRORS, WINDOWS, Store, shard_id
-from langid.uris import absolute_uri, write_bytes_atomic
+from langid.uris import absolute_uri, write_atomic
 
 FILE_KEYS = ("path", "language", "split", "recording_id", "speaker", "gender", "fragment", "augmentation",
              "augmentation_index")
@@ -72,7 +72,7 @@ def process_batch(batch: pa.Table, store_uri: str, cfg: FeatureConfig, png: bool
         for r in window_rows:
             spec = r["logmel"].reshape(r["n_mels"], r["n_frames"])
             target = store.png_path(r["split"], r["language"], r["path"], r["window_index"])
-            write_bytes_atomic(store.fs, target, to_png(spec))
+            write_atomic(store.fs, target, to_png(spec))
     if error_rows:
         store.write_shard(ERRORS, pa.Table.from_pylist(error_rows), sid)
     if window_rows:

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from langid.config import FeatureConfig
-from langid.uris import _join, filesystem, write_bytes_atomic
+from langid.uris import _join, filesystem, write_atomic
 
 CONFIG_FILE = "feature_config.json"
 CONFIG_KEY = b"langid.feature_config"
@@ -98,7 +98,7 @@ class Store:
                     f"{self.uri} was built with other features ({_diff(old, cfg)}); use a new --output or the same settings"
                 )
             return
-        write_bytes_atomic(self.fs, self.path(CONFIG_FILE), (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        write_atomic(self.fs, self.path(CONFIG_FILE), (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
 
     def shards(self, table: str) -> list[str]:
         sel = pafs.FileSelector(self.path(table), allow_not_found=True)
@@ -113,7 +113,7 @@ class Store:
         sink = pa.BufferOutputStream()
         pq.write_table(rows, sink, compression="zstd")
         target = self.path(table, f"part-{sid}.parquet")
-        write_bytes_atomic(self.fs, target, sink.getvalue().to_pybytes())
+        write_atomic(self.fs, target, sink.getvalue().to_pybytes())
         return target
 
     def read_config_json(self) -> bytes:

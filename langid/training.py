@@ -414,7 +414,7 @@ def check_run_settings(output: str, tc: TrainConfig, labels: list[str]) -> None:
     """Record a run's settings in OUTPUT/run.json; a rerun (which resumes) must ask for the same ones."""
     import pyarrow.fs as pafs
 
-    from langid.uris import filesystem, write_bytes_atomic
+    from langid.uris import filesystem, write_atomic
 
     fs, root = filesystem(output)
     path = f"{root}/run.json"
@@ -427,7 +427,7 @@ def check_run_settings(output: str, tc: TrainConfig, labels: list[str]) -> None:
             raise ValueError(f"{output} holds a run with other settings ({', '.join(diff)}); rerun with the same "
                              "flags to resume it, or use a new --output")
         return
-    write_bytes_atomic(fs, path, json.dumps(mine, indent=2).encode())
+    write_atomic(fs, path, json.dumps(mine, indent=2).encode())
 
 
 def calibrate(model: LangIdNet, store: str, labels: list[str], batch_size: int = 32) -> dict:

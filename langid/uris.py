@@ -11,12 +11,13 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Optional
+from typing import BinaryIO, Optional, Union
 
 import pyarrow.fs as pafs
 
 # the model's metadata goes last: a reader that finds model.json finds the weights it describes
 LAST_FILES = ("model.json",)
+COPY_CHUNK = 1 << 20
 
 
 def is_uri(location: str) -> bool:
@@ -39,21 +40,25 @@ def _join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts)
 
 
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write under a hidden temporary name beside the target, then rename into place."""
+def write_atomic(fs: pafs.FileSystem, path: str, source: Union[bytes, BinaryIO]) -> None:
+    """Write bytes (or stream a binary file) under a hidden temporary name beside the target, then rename."""
     parent, name = path.rsplit("/", 1)
     fs.create_dir(parent, recursive=True)
     tmp = _join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
     with fs.open_output_stream(tmp) as out:
-        out.write(data)
+        if isinstance(source, bytes):
+            out.write(source)
+        else:
+            shutil.copyfileobj(source, out, COPY_CHUNK)
     fs.move(tmp, path)
+
 
 
 def put_file(local_path: str, location: str) -> None:
     """Copy a finished local file to a path or URI, atomically."""
     fs, path = filesystem(location)
     with open(local_path, "rb") as f:
-        write_bytes_atomic(fs, path, f.read())
+        write_atomic(fs, path, f)
 
 
 def exists(location: str) -> bool:
@@ -107,7 +112,7 @@ def publish_folder(local: str, location: str) -> None:
     files = [os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names]
     for rel in sorted(files, key=lambda r: (os.path.basename(r) in LAST_FILES, r)):
         with open(os.path.join(local, rel), "rb") as f:
-            write_bytes_atomic(fs, _join(root, rel.replace(os.sep, "/")), f.read())
+            write_atomic(fs, _join(root, rel.replace(os.sep, "/")), f)
 
 
 class StagedFolder:

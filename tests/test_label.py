@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -24,13 +23,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import langid
 from conftest import REPO, TONE_CFG as CFG, kaggle_name, voice, write_wav
-from langid.labeling import BASE_COLUMNS, PARTIAL, LabelOptions, _csv_row, csv_columns, recover_partial, run_label, \
-    write_parquet
+from langid.labeling import BASE_COLUMNS, PARTIAL, LabelOptions, _csv_row, csv_columns, run_label, write_parquet
 
 RATE = CFG.sample_rate
 RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING)\s")
@@ -589,31 +585,4 @@ def test_parquet_of_a_large_csv_with_newlines_in_names(tmp_path):
     assert df.path.str.contains("\n").all()
     assert np.allclose(df.p_en.fillna(0.25) + df.p_de.fillna(0.75), 1.0)
 
-
-# ---------------------------------------------------------------- 8. the CSV writer, for any file name
-
-NAMES = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00/"), min_size=1, max_size=40)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(name=NAMES, folder=st.sampled_from(["", "/data/in/", "rel dir/"]))
-def test_csv_row_round_trips_any_file_name(name, folder):
-    path = folder + name
-    labels, opts = ["de", "en"], LabelOptions(probabilities=True)
-    row = {"path": path, "language": "en", "confidence": 0.75, "top_languages": "en:0.7500 de:0.2500",
-           "duration": 1.5, "windows": 2, "windows_used": 2, "status": "ok", "error": "",
-           "probabilities": json.dumps({"en": 0.75, "de": 0.25}), "segments": ""}
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "labels.csv")
-        with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # as run_label writes
-            w = csv.writer(f)
-            w.writerow(csv_columns(labels, opts))
-            w.writerow(_csv_row(row, labels, opts))
-            w.writerow(_csv_row({**row, "path": path + ".2"}, labels, opts))
-        df = read_pd(out)
-        assert df.path.tolist() == [path, path + ".2"]
-        assert df.p_en.tolist() == ["0.750000", "0.750000"] and df.status.tolist() == ["ok", "ok"]
-        # and the job's own reader, which resumes from it, sees the same keys and leaves the file as it was
-        before = Path(out).read_bytes()
-        assert recover_partial(out, csv_columns(labels, opts)) == {path, path + ".2"}
-        assert Path(out).read_bytes() == before
+# The CSV writer's round trip for any file name is a property in tests/test_properties.py.

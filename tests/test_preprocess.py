@@ -20,7 +20,7 @@ from langid.config import FeatureConfig
 from langid.preprocess import files_per_task, run_preprocess
 from langid.sources import KAGGLE_PATTERN
 from langid.store import CONFIG_KEY, ERRORS, WINDOWS, Store, StoreError, logmel_matrix
-from langid.uris import write_bytes_atomic
+from langid.uris import write_atomic
 
 # small windows keep the job fast: each 3 s fixture clip gives one full window and a kept 1 s tail
 CFG = FeatureConfig(window_seconds=2.0, n_mels=32)
@@ -203,8 +203,8 @@ def test_readers_ignore_leftover_temporary_files(tmp_path):
     assert len(pd.read_parquet(wdir)) == 1
     assert st.counts()["windows"] == 1
 
-    # write_bytes_atomic leaves only the target behind
-    write_bytes_atomic(st.fs, st.path(WINDOWS, "part-z.parquet"), data)
+    # write_atomic leaves only the target behind
+    write_atomic(st.fs, st.path(WINDOWS, "part-z.parquet"), data)
     assert sorted(p.name for p in wdir.iterdir() if not p.name.startswith(".")) == ["part-good.parquet",
                                                                                   "part-z.parquet"]
     assert len([p for p in wdir.iterdir() if p.name.startswith(".")]) == 2  # only the two planted ones
