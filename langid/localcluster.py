@@ -11,26 +11,17 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Optional, Sequence
 
-from langid.runtime import REPO_ROOT
-
-LOOPBACK = "127.0.0.1"
+from langid.runtime import API_SERVER_VARIABLE, LOOPBACK, REPO_ROOT, free_port
 
 
 class ClusterError(RuntimeError):
     """The local cluster did not come up, or a submitted job failed."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:
@@ -47,7 +38,8 @@ class LocalCluster:
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
                     "RAY_USAGE_STATS_ENABLED": "0"}
-        self.env.pop("RAY_ADDRESS", None)
+        for name in ("RAY_ADDRESS", API_SERVER_VARIABLE):  # this cluster's, not the caller's Ray
+            self.env.pop(name, None)
         self.procs: list[subprocess.Popen] = []
         self._new_session()
 

@@ -3,9 +3,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_RUNTIME_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
+API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the caller binds it soon after)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> str:
@@ -25,7 +35,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if address:
         ray.init(address=address, **kwargs)
         return f"joined Ray cluster at {address}"
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    # Ray Train asks the state API (served by the dashboard) whether its controller lives, from inside a worker,
+    # where the API's address is otherwise guessed among all Ray instances on the machine: with two (a test
+    # beside a job), a wrong guess removed a running training's placement group. So this Ray has its own
+    # dashboard, and its workers are told where it is.
+    api = f"http://{LOOPBACK}:{free_port()}"
+    kwargs.setdefault("runtime_env", {"env_vars": {}})["env_vars"][API_SERVER_VARIABLE] = api
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK,
+             dashboard_port=int(api.rsplit(":", 1)[1]), **kwargs)
     return f"started Ray embedded ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
 
 

@@ -7,6 +7,7 @@ compared with the same jobs run on the test session's single-node Ray.
 from __future__ import annotations
 
 import copy
+import os
 import csv
 import json
 import re
@@ -149,3 +150,33 @@ def test_cluster_labels_match_a_single_node_run(two_node_run, ray_local, tmp_pat
     for k in a:
         assert a[k]["status"] == "ok"
         assert float(a[k]["confidence"]) == pytest.approx(float(b[k]["confidence"]), abs=1e-5)
+
+
+STATE_PROBE = """
+import sys, ray
+from langid.runtime import init_ray
+init_ray(num_cpus=1)
+@ray.remote(num_cpus=0)
+class Alive:
+    def ping(self):
+        return 1
+@ray.remote(num_cpus=0)
+def alive(actor_id):
+    from ray.train.v2._internal.state.util import is_actor_alive  # what Ray Train's placement-group cleaner asks
+    return is_actor_alive(actor_id=actor_id, timeout=20)
+a = Alive.remote()
+ray.get(a.ping.remote())
+print("ALIVE", ray.get(alive.remote(a._actor_id.hex())))
+"""
+
+
+def test_embedded_ray_answers_state_queries_about_itself_beside_another_ray(ray_local, tmp_path):
+    """With two Ray instances on a machine (here the test session's and a job's), a worker's state query must
+    reach its own Ray: Ray Train removes a training's placement group when its controller looks dead."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    r = subprocess.run([sys.executable, "-c", STATE_PROBE], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert "ALIVE True" in r.stdout, (r.stdout + r.stderr)[-3000:]
