@@ -416,7 +416,7 @@ def _run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions,
                             batch_size=4, batch_format="pyarrow", ray_remote_args_fn=lambda: {"num_cpus": cpus_per_task})
         ds = ds.map_batches(Predictor,  # the actors open the model from the cluster's working directory
                             fn_constructor_args=(absolute_uri(model_dir), opts, int(max(1, cpus_per_actor))),
-                            batch_size=batch_size, batch_format="pyarrow", concurrency=actors,
+                            batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=actor_cpus, num_gpus=gpus_per_actor,
                             **({"memory": memory_per_actor} if memory_per_actor else {}))
         bar = tqdm(desc="label", unit="file", disable=not progress)
