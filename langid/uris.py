@@ -91,7 +91,8 @@ _fetched: dict[str, str] = {}
 
 
 def local_folder(location: str) -> str:
-    """A local folder with the content of `location`: the path itself, or a per-process copy of a URI's folder."""
+    """A local folder with the files of `location`: the path itself, or a per-process copy of a URI folder's
+    top-level files (a model's; not the training checkpoints and per-stage copies in its subfolders)."""
     if not is_uri(location):
         return location
     if location not in _fetched:
@@ -99,7 +100,10 @@ def local_folder(location: str) -> str:
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             raise FileNotFoundError(f"{location}: no such folder")
         dest = tempfile.mkdtemp(prefix="langid-" + hashlib.sha1(location.encode()).hexdigest()[:8] + "-")
-        pafs.copy_files(path, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        for info in fs.get_file_info(pafs.FileSelector(path)):
+            if info.type == pafs.FileType.File:
+                with fs.open_input_stream(info.path) as src, open(os.path.join(dest, info.base_name), "wb") as dst:
+                    shutil.copyfileobj(src, dst, COPY_CHUNK)
         _fetched[location] = dest
     return _fetched[location]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -108,3 +109,16 @@ def test_preprocess_refuses_a_missing_uri_before_starting_ray(tmp_path, capsys):
     assert main(["preprocess", "--input", f"file://{tmp_path}/nothing", "--output", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "no such directory or manifest file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_at_a_uri_is_fetched_once_without_its_checkpoints(tmp_path):
+    model = tmp_path / "model"
+    for name in ("model.json", "model.safetensors", "ray/train/checkpoint_1/checkpoint.pt", "stages/head/model.json"):
+        (model / name).parent.mkdir(parents=True, exist_ok=True)
+        (model / name).write_text(name)
+    local = uris.local_folder(f"file://{model}")
+    assert sorted(p.name for p in Path(local).iterdir()) == ["model.json", "model.safetensors"]
+    assert (Path(local) / "model.json").read_text() == "model.json"
+    assert uris.local_folder(f"file://{model}") == local  # one copy per process
+    with pytest.raises(FileNotFoundError):
+        uris.local_folder(f"file://{tmp_path}/nothing")
