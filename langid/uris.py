@@ -61,14 +61,13 @@ def put_file(local_path: str, location: str) -> None:
         write_atomic(fs, path, f)
 
 
-def exists(location: str) -> bool:
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def kind(location: str) -> pafs.FileType:
     fs, path = filesystem(location)
     return fs.get_file_info(path).type
+
+
+def exists(location: str) -> bool:
+    return kind(location) != pafs.FileType.NotFound
 
 
 def list_files(location: str) -> list[str]:
