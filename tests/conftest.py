@@ -30,6 +30,8 @@ def ray_local():
     from langid.runtime import init_ray, quiet_ray_data
 
     os.environ.pop("RAY_ADDRESS", None)
+    # workers import what tests hand them (worker loops defined in test modules, tests/support)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
     init_ray(num_cpus=2)
     quiet_ray_data()
     yield ray
@@ -92,35 +94,62 @@ def kaggle_name(lang: str, i: int, frag: int = 0) -> str:
 
 
 def _train_head(Xt, yt, labels):
-    """A resnet18 LangIdNet: random (fixed) body, head trained on its features. Seconds on a busy CPU."""
+    """A resnet18 LangIdNet: random (fixed) body, head trained on its features. Seconds on a busy CPU.
+
+    The same rows in the same order give the same weights: every generator seeded, deterministic kernels (one
+    thread: the caller's torch.set_num_threads(1)). The order matters (dropout masks fall on row positions)."""
+    import random
+
     import torch
 
     from langid.model import INPUT_MEAN, INPUT_STD, LangIdNet
 
+    random.seed(0)
+    np.random.seed(0)
     torch.manual_seed(0)
-    model = LangIdNet("resnet18", len(labels)).eval()
-    with torch.no_grad():
-        feats = model.body((torch.from_numpy(Xt.astype(np.float32))[:, None] - INPUT_MEAN) / INPUT_STD)
-    y = torch.from_numpy(yt)
-    opt = torch.optim.Adam(model.head.parameters(), lr=1e-3)
-    model.head.train()
-    for _ in range(80):
-        loss = torch.nn.functional.cross_entropy(model.head(feats), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        model = LangIdNet("resnet18", len(labels)).eval()
+        with torch.no_grad():
+            feats = model.body((torch.from_numpy(Xt.astype(np.float32))[:, None] - INPUT_MEAN) / INPUT_STD)
+        y = torch.from_numpy(yt)
+        opt = torch.optim.Adam(model.head.parameters(), lr=1e-3)
+        model.head.train()
+        for _ in range(80):
+            loss = torch.nn.functional.cross_entropy(model.head(feats), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     return model.eval()
+
+
+def _split_arrays(store_dir: Path, split: str, labels: list[str]):
+    """(X (n, n_mels, frames) float32, y) of one split of a store, in a fixed order: (file name, window).
+
+    Read here, not through langid's training code: the store's row order follows its shard names, hashes of
+    this session's temporary paths, and the order of the rows changes the trained model (dropout masks)."""
+    import pyarrow.compute as pc
+
+    from langid.store import WINDOWS, Store, logmel_matrix
+
+    table = Store(str(store_dir)).read(WINDOWS, filters=pc.field("split") == split)
+    key = list(zip(map(os.path.basename, table.column("path").to_pylist()), table.column("window_index").to_pylist()))
+    table = table.take(sorted(range(len(key)), key=key.__getitem__))
+    y = np.array([labels.index(lang) for lang in table.column("language").to_pylist()], dtype=np.int64)
+    return logmel_matrix(table).copy(), y  # writable: torch.from_numpy warns of a read-only array
 
 
 @pytest.fixture(scope="session")
 def model_dir(ray_local, tmp_path_factory):
-    """Kaggle-named tone corpus -> run_preprocess -> read_split -> trained resnet18 -> save_model; read-only."""
+    """Kaggle-named tone corpus -> run_preprocess -> store windows -> trained resnet18 -> save_model; read-only."""
     import torch
 
     import langid
     from langid.model import save_model
     from langid.preprocess import run_preprocess
-    from langid.training import read_split
 
     torch.set_num_threads(1)
     rate = TONE_CFG.sample_rate
@@ -129,26 +158,30 @@ def model_dir(ray_local, tmp_path_factory):
     rng = np.random.default_rng(0)
     for lang, f0 in FREQ.items():
         for r in range(4):
-            for frag in range(2):
-                x = tone(f0 * rng.uniform(0.85, 1.15), 3.0, rate, seed=10 * r + frag)
+            for frag in range(2):  # the second fragments end in a padded window (half to nine tenths full)
+                seconds = 3.0 if frag == 0 else 2.5 + 0.13 * r
+                x = tone(f0 * rng.uniform(0.85, 1.15), seconds, rate, seed=10 * r + frag)
                 x = x + (rng.uniform(0.005, 0.05) * rng.standard_normal(len(x))).astype(np.float32)
                 write_wav(corpus / "train" / "train" / kaggle_name(lang, 100 + r, frag), x, rate)
         write_wav(corpus / "test" / "test" / kaggle_name(lang, 200), tone(f0, 3.0, rate, seed=7), rate)
     res = run_preprocess(str(corpus), str(base / "store"), cfg=TONE_CFG, batch_size=8, progress=False)
     assert (res.ok, res.failed) == (18, 0), res.summary()
-    Xt, yt, labels, _ = read_split(str(base / "store"), "train")
-    Xv, yv, _, _ = read_split(str(base / "store"), "valid", labels)
-    assert labels == ["de", "en"] and len(yv) > 0
+    labels = sorted(FREQ)
+    Xt, yt = _split_arrays(base / "store", "train", labels)
+    Xv, yv = _split_arrays(base / "store", "valid", labels)
+    assert set(yt) == {0, 1} and len(yv) > 0
     model = _train_head(Xt, yt, labels)
     with torch.no_grad():
-        assert (model(torch.from_numpy(Xv.astype(np.float32))[:, None]).argmax(1).numpy() == yv).all()
+        assert (model(torch.from_numpy(Xv)[:, None]).argmax(1).numpy() == yv).all()
     folder = base / "model"
     save_model(model, str(folder), labels, TONE_CFG, extra={})
 
-    # the saved model answers every tone of both bands, confidently, before any test relies on it
+    # the saved model answers every tone of both bands, confidently, before any test relies on it: the tests'
+    # lengths, so whole windows and padded tails (1.5 and 2.5 s end in a half-full window); every window right
     ident = langid.load_model(str(folder), "cpu")
-    sigs = [(lang, voice(lang, 3.0, seed)) for lang in FREQ for seed in range(5)]
+    sigs = [(lang, voice(lang, sec, seed)) for lang in FREQ for sec in (1.5, 2.0, 2.5, 3.0) for seed in range(10)]
     preds = ident.predict_many([x for _, x in sigs], sample_rate=rate)
     assert [p.language for p in preds] == [lang for lang, _ in sigs]
-    assert min(p.confidence for p in preds) > 0.99
+    assert all(s.language == lang for p, (lang, _) in zip(preds, sigs) for s in p.segments)
+    assert min(p.confidence for p in preds) > 0.99, sorted(p.confidence for p in preds)[:3]
     return folder
