@@ -127,29 +127,31 @@ def _three(name: str, values: list[float]) -> list[float]:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from langid.model import default_device
-    from langid.runtime import init_ray
-    from langid.training import TrainConfig, default_schedule, lr_find, run_training
+    from langid.runtime import init_ray, quiet_ray_data
+    from langid.training import TrainConfig, default_schedule, run_lr_find, run_training
 
     epochs = [int(e) for e in _three("--epochs", a.epochs)]
     if not any(epochs):
         raise UserError("--epochs: at least one stage needs an epoch")
     stages = default_schedule(epochs, _three("--lr", a.lr), _three("--lr-divisors", a.lr_divisors))
     tc = TrainConfig(store=a.store, output=a.output, arch=a.arch, stages=stages, batch_size=a.batch_size,
-                     workers=a.workers, gpu=bool(a.gpu), cpus_per_worker=a.cpus_per_worker,
+                     workers=a.workers, gpu=bool(a.gpu), amp=a.amp, cpus_per_worker=a.cpus_per_worker,
                      memory_per_worker=a.memory_per_worker, seed=a.seed, spec_augment=not a.no_spec_augment,
-                     max_failures=a.max_failures)
-    if a.lr_find:  # runs here, on this machine's device
+                     max_failures=a.max_failures, shuffle_buffer=a.shuffle_buffer)
+    how = init_ray(a.address, a.num_cpus, quiet=a.quiet)
+    quiet_ray_data()
+    if a.lr_find:  # runs here, on this machine's device, streaming the store through Ray Data
         tc = replace(tc, gpu=default_device(a.gpu).type == "cuda")
-        res = lr_find(tc, pretrained=not a.no_pretrained, weights_file=a.weights)
+        res = run_lr_find(tc, pretrained=not a.no_pretrained, weights_file=a.weights)
         print(f"suggested learning rate (valley): {res['valley']:.2e}; plot: {res['plot']}")
         return 0
-    how = init_ray(a.address, a.num_cpus, quiet=a.quiet)
     if a.gpu is None:  # the workers' GPUs are the cluster's, not this machine's: a cluster's head often has none
         import ray
 
         tc = replace(tc, gpu=ray.cluster_resources().get("GPU", 0) >= 1)
     gpu = tc.gpu  # --gpu on a cluster without GPUs yet: Ray waits for the autoscaler to start GPU nodes
-    print(f"langid train: {how}; {a.workers} worker(s) on {'GPU' if gpu else 'CPU'}, {a.arch}", file=sys.stderr)
+    print(f"langid train: {how}; {a.workers} worker(s) on {'GPU' if gpu else 'CPU'}"
+          f"{' with mixed precision' if tc.mixed_precision else ''}, {a.arch}", file=sys.stderr)
     res = run_training(tc, pretrained=not a.no_pretrained, weights_file=a.weights,
                        log=lambda m: print(f"langid train: {m}", file=sys.stderr))
     for name, b in res["best"].items():
@@ -263,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory reserved per worker, e.g. 8G (default: none reserved)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="one GPU per worker (default: when the Ray cluster has GPUs)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision on CUDA workers (default: on with --gpu, off on CPU)")
+    p.add_argument("--shuffle-buffer", type=int_at_least(1), default=1024,
+                   help="windows each worker shuffles among as the store streams in (default %(default)s)")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation, no ImageNet weights")
     p.add_argument("--weights", help="ImageNet weights file for the architecture (.pth or .safetensors)")
     p.add_argument("--no-spec-augment", action="store_true", help="no time shift / masking on training batches")

@@ -1,10 +1,12 @@
-"""The one feature configuration that flows from preprocessing to training to labeling."""
+"""Typed settings: the one feature configuration that flows from preprocessing to training to labeling, and the
+training run's settings (schedule, batch, workers, data stream)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # ceilings that keep one window's arrays to a few hundred MiB, checked before a configuration read from a file is used
@@ -95,3 +97,56 @@ class FeatureConfig:
     @classmethod
     def from_json(cls, s: str | bytes, complete: bool = False) -> "FeatureConfig":
         return cls.from_dict(json.loads(s), complete)
+
+
+@dataclass
+class Stage:
+    """One stage of the staged fine-tune."""
+
+    name: str
+    epochs: int
+    lr: float
+    freeze: bool  # True: train the head only (fastai's freeze, BatchNorm stays trainable)
+    lr_divisors: tuple = (1.0, 1.0, 1.0)  # per layer group: early body, late body, head
+
+    def lrs(self) -> list[float]:
+        return [self.lr / d for d in self.lr_divisors]
+
+
+def default_schedule(epochs=(7, 12, 8), lrs=(1e-2, 1e-3, 1e-4), divisors=(9.0, 6.0, 1.0)) -> list[Stage]:
+    """The write-up's schedule: head (lr 1e-2, 7), all layers at lr/9, lr/6, lr (12), head again (lr 1e-4, 8)."""
+    return [
+        Stage("head", epochs[0], lrs[0], freeze=True),
+        Stage("unfrozen", epochs[1], lrs[1], freeze=False, lr_divisors=tuple(divisors)),
+        Stage("head-again", epochs[2], lrs[2], freeze=True),
+    ]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; travels to the Ray Train workers as this object."""
+
+    store: str
+    output: str
+    arch: str = "resnet152"
+    stages: list = field(default_factory=default_schedule)
+    batch_size: int = 32
+    workers: int = 1
+    gpu: bool = False
+    amp: Optional[bool] = None  # mixed precision; None: on with CUDA, off on CPU
+    cpus_per_worker: float = 1.0
+    memory_per_worker: int = 0  # bytes reserved with Ray's scheduler; 0: none
+    seed: int = 0
+    spec_augment: bool = True
+    max_failures: int = 2
+    # the data stream: windows in each worker's shuffle buffer, and batches prepared ahead of the model
+    shuffle_buffer: int = 1024
+    prefetch_batches: int = 2
+
+    @property
+    def mixed_precision(self) -> bool:
+        """fastai's AMP (float16 autocast, gradient scaling): CUDA only."""
+        return self.gpu if self.amp is None else self.amp
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "stages": [asdict(s) for s in self.stages]}

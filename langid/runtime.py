@@ -41,7 +41,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     # dashboard, and its workers are told where it is.
     api = f"http://{LOOPBACK}:{free_port()}"
     kwargs.setdefault("runtime_env", {"env_vars": {}})["env_vars"][API_SERVER_VARIABLE] = api
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK,
+    # Ray ends idle worker processes beyond the node's CPU count within a second, but tasks that take no CPU (the
+    # training stream's readers, which run beside workers holding every CPU) then start new ones every epoch,
+    # seconds each: a few idle processes are kept instead.
+    cpus = num_cpus or os.cpu_count() or 1
+    ray.init(num_cpus=num_cpus, include_dashboard=True, _system_config={"num_workers_soft_limit": cpus + 10}, dashboard_host=LOOPBACK,
              dashboard_port=int(api.rsplit(":", 1)[1]), **kwargs)
     return f"started Ray embedded ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
 

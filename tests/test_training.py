@@ -26,8 +26,8 @@ from conftest import REPO, write_wav
 from langid.config import FeatureConfig
 from langid.model import (META_FILE, WEIGHTS_FILE, LangIdNet, ModelError, layer_groups, load_model,
                           save_model)
-from langid.training import (Stage, TrainConfig, apply_stage, default_schedule, make_dataloaders, make_learner,
-                             run_training)
+from langid.learner import apply_stage, make_learner
+from langid.training import Stage, TrainConfig, default_schedule, run_training
 
 CFG = FeatureConfig(window_seconds=1.0, n_mels=32, hop_length=160)
 RATE = 16000
@@ -104,10 +104,14 @@ def _bn_param_ids(model: nn.Module) -> set[int]:
 def _tiny_learner(tmp_path, n_classes=3, n=16):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    X = rng.random((n, CFG.n_mels, CFG.window_frames)).astype(np.float16)
-    y = np.arange(n) % n_classes
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+
+    X = torch.from_numpy(rng.random((n, 1, CFG.n_mels, CFG.window_frames)).astype(np.float32))
+    examples = list(zip(X, torch.arange(n) % n_classes))
     model = LangIdNet("resnet18", n_classes)
-    dls = make_dataloaders(X, y, X[:8], y[:8], batch_size=8, device=torch.device("cpu"))
+    dls = DataLoaders(DataLoader(examples, bs=8, shuffle=True, drop_last=True), DataLoader(examples[:8], bs=8),
+                      device=torch.device("cpu"))
     return model, make_learner(model, dls, str(tmp_path))
 
 

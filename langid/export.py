@@ -1,0 +1,61 @@
+"""The model folder a training run leaves: weights per stage, calibration, history, curves."""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from langid.config import FeatureConfig, TrainConfig
+from langid.model import LangIdNet, save_model
+from langid.trainset import VALID, iter_split
+
+
+def calibrate(model: LangIdNet, store: str, labels: list[str], batch_size: int = 64) -> dict:
+    """Temperature scaling fitted on the validation windows (streamed), so reported confidences mean what they say."""
+    from langid.metrics import fit_temperature
+
+    model.eval()
+    logits, ys = [], []
+    with torch.no_grad():
+        for x, y in iter_split(store, VALID, labels, batch_size):
+            logits.append(model(torch.from_numpy(x)[:, None]).numpy())
+            ys.append(y)
+    logits, y = np.concatenate(logits), np.concatenate(ys)
+    t = fit_temperature(logits, y)
+    nll = lambda temp: float(-torch.log_softmax(torch.from_numpy(logits) / temp, 1)[np.arange(len(y)), y].mean())
+    return {"temperature": t, "valid_nll_uncalibrated": nll(1.0), "valid_nll_calibrated": nll(t), "windows": len(y)}
+
+
+def export_model(output: str, tc: TrainConfig, cfg: FeatureConfig, labels: list[str], progress: dict,
+                 best: dict, pretrained: bool, seconds: float) -> dict:
+    """Model folder: the last stage's best weights as the model, each stage's best under stages/, history, curves."""
+    from langid.plots import training_curves_png
+
+    last = [s.name for s in tc.stages if s.epochs > 0][-1]
+    meta = {
+        "schedule": [asdict(s) for s in tc.stages],
+        "training": {"batch_size": tc.batch_size, "workers": tc.workers, "gpu": tc.gpu, "seed": tc.seed,
+                     "mixed_precision": tc.mixed_precision, "spec_augment": tc.spec_augment,
+                     "imagenet_pretrained": pretrained, "seconds": round(seconds, 1), "store": tc.store},
+        "best_per_stage": progress["best"],
+        "metrics": {"valid": progress["best"][last]},
+    }
+    for stage_name, weights in best.items():
+        model = LangIdNet(tc.arch, len(labels))
+        model.load_state_dict(weights)
+        folder = os.path.join(output, "stages", stage_name)
+        save_model(model, folder, labels, cfg, {**meta, "metrics": {"valid": progress["best"][stage_name]}})
+    model = LangIdNet(tc.arch, len(labels))
+    model.load_state_dict(best[last])
+    meta["calibration"] = calibrate(model, tc.store, labels)
+    save_model(model, output, labels, cfg, meta)
+    history = progress["history"]
+    with open(os.path.join(output, "history.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    training_curves_png(history, os.path.join(output, "training_curves.png"))
+    return {"output": output, "labels": labels, "history": history, "best": progress["best"]}

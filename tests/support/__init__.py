@@ -1,0 +1,1 @@
+"""Test and benchmark infrastructure (not part of the installed package)."""
