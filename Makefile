@@ -44,6 +44,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/train_stream.py
 	$(PY) benchmarks/label.py
 	$(PY) benchmarks/scaling.py
 

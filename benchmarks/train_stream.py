@@ -170,9 +170,12 @@ def bench_loop(config: dict) -> None:
             loss.backward()
             opt.step()
         seconds = time.perf_counter() - timed_from
-    ray.train.report({"rank": rank, "first_batch_s": first, "clips_s": (steps - warmup) * bs * world / seconds,
-                      "worker_private": peak.peak["RssAnon"], "worker_shared": peak.peak["RssShmem"],
-                      "worker_private_before": before["RssAnon"]})
+    if rank == 0:  # (Ray Train keeps metrics only with checkpoints)
+        with open(config["metrics"], "w") as f:
+            json.dump({"first_batch_s": first, "clips_s": (steps - warmup) * bs * world / seconds,
+                       "worker_private": peak.peak["RssAnon"], "worker_shared": peak.peak["RssShmem"],
+                       "worker_private_before": before["RssAnon"]}, f)
+    ray.train.report({"rank": rank})
 
 
 def run(store_uri: str, loader: str, workers: int, a: argparse.Namespace, tmp: str) -> dict:
@@ -180,21 +183,24 @@ def run(store_uri: str, loader: str, workers: int, a: argparse.Namespace, tmp: s
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from langid.config import TrainConfig
-    from langid.training import ordered_ingest, training_datasets
+    from langid.training import ingest_options, training_datasets
     from langid.trainset import training_data
 
     data = training_data(store_uri)
-    tc = TrainConfig(store=store_uri, output=tmp, seed=0, shuffle_buffer=a.shuffle_buffer)
+    tc = TrainConfig(store=store_uri, output=tmp, seed=0, shuffle_buffer=a.shuffle_buffer, workers=workers,
+                     batch_size=a.batch_size)
     cpus = max(1, cpu_count() // workers)
-    config = {"data": data, "store": store_uri, "loader": loader, "arch": a.arch, "batch_size": a.batch_size,
+    name = f"bench-{loader}-{workers}-{time.time_ns()}"
+    os.makedirs(tmp, exist_ok=True)
+    config = {"metrics": os.path.join(tmp, f"{name}.json"), "data": data, "store": store_uri, "loader": loader, "arch": a.arch, "batch_size": a.batch_size,
               "steps": a.steps, "warmup": a.warmup, "threads": cpus, "shuffle_buffer": a.shuffle_buffer}
     trainer = TorchTrainer(
         bench_loop, train_loop_config=config,
         datasets=training_datasets(tc, data) if loader == "stream" else None,
-        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest()),
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(tc, data)),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="gloo"),
-        run_config=ray.train.RunConfig(name=f"bench-{loader}-{workers}-{time.time_ns()}", storage_path=tmp,
+        run_config=ray.train.RunConfig(name=name, storage_path=tmp,
                                        failure_config=ray.train.FailureConfig(max_failures=0)),
     )
     t0 = time.perf_counter()
@@ -202,7 +208,9 @@ def run(store_uri: str, loader: str, workers: int, a: argparse.Namespace, tmp: s
         result = trainer.fit()
     if result.error:
         raise result.error
-    return {**result.metrics, "job_pss": job.peak["pss"], "seconds": time.perf_counter() - t0,
+    with open(config["metrics"]) as f:
+        metrics = json.load(f)
+    return {**metrics, "job_pss": job.peak["pss"], "seconds": time.perf_counter() - t0,
             "train_windows": data.train_windows}
 
 

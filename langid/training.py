@@ -15,6 +15,7 @@ from langid.store import Store, StoreError
 from langid.trainset import TRAIN, VALID, TrainingData, training_data, window_dataset
 from langid.uris import StagedFolder, absolute_uri
 
+MIN_STREAM_BYTES = 256 * 2 ** 20  # object-store bytes the training streams may always hold
 RESUME_KEYS = ("store", "arch", "stages", "batch_size", "seed", "spec_augment")
 
 
@@ -53,8 +54,11 @@ def training_datasets(tc: TrainConfig, data: TrainingData) -> dict:
             VALID: window_dataset(tc.store, VALID, data)}
 
 
-def ordered_ingest():
-    """Ray Data's execution options with blocks kept in order: the same seed splits and shuffles the same way."""
+def ingest_options(tc: TrainConfig, data: TrainingData):
+    """Ray Data's options for the training streams: blocks kept in order (the same seed splits and shuffles the
+    same way), and the blocks in flight bounded to twice what the workers' shuffle buffers and prefetched batches
+    hold: unbounded, readers run ahead of a slow model until the object store is full (gigabytes at the Kaggle
+    set's size) and take CPU from training."""
     import copy
 
     from ray.data import DataContext
@@ -62,6 +66,9 @@ def ordered_ingest():
     # a copy of the context's options, as Ray Train's default makes, without its deprecated `exclude_resources`
     options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = True
+    window = data.n_mels * data.n_frames * 2  # float16
+    held = tc.workers * (tc.shuffle_buffer + (tc.prefetch_batches + 2) * tc.batch_size) * window
+    options.resource_limits = options.resource_limits.copy(object_store_memory=max(2 * held, MIN_STREAM_BYTES))
     return options
 
 
@@ -93,7 +100,7 @@ def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optiona
         train_loop_config={"train_config": tc, "data": data,
                            "pretrained": ray.put(state) if state is not None else None},
         datasets=training_datasets(tc, data),
-        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest()),
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(tc, data)),
         scaling_config=ray.train.ScalingConfig(num_workers=tc.workers, use_gpu=tc.gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.gpu else "gloo"),
         run_config=ray.train.RunConfig(

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from langid.store import WINDOWS, Store, StoreError, logmel_matrix
 
 TRAIN, VALID = "train", "valid"
+SHARDS_PER_TASK = 8
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,10 @@ def window_dataset(store_uri: str, split: str, data: TrainingData, shuffle_seed:
     # worker takes both here): read tasks that asked for a CPU would wait forever, so they ask for none. Without
     # a CPU to bound them they would be as many as the shards, and every epoch would start that many processes
     # (Ray ends idle ones beyond a node's CPUs): a few readers keep up with the model and start in a second.
-    return ds.map_batches(_read_shards, batch_size=1, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=readers),
+    # Each task reads several shards, a block each, as a generator that Ray pauses while its blocks wait: with no
+    # task under way, Ray Data's scheduler polls without pause and takes a core from training.
+    return ds.map_batches(_read_shards, batch_size=SHARDS_PER_TASK, num_cpus=0,
+                          compute=ray.data.TaskPoolStrategy(size=readers),
                           fn_kwargs={"store_uri": store_uri, "split": split, "labels": list(data.labels)})
 
 

@@ -76,18 +76,19 @@ def run_stream(tmp: Path, store_uri: str, workers: int, epochs: int = 2, batch_s
     from ray.train.torch import TorchTrainer
 
     from langid.trainset import training_data
-    from langid.training import ordered_ingest, training_datasets
+    from langid.training import ingest_options, training_datasets
 
     data = training_data(store_uri)
     out = tmp / f"seen-{workers}-{seed}-{len(list(tmp.iterdir()))}"
     out.mkdir()
-    tc = TrainConfig(store=store_uri, output=str(out), seed=seed, shuffle_buffer=shuffle_buffer)
+    tc = TrainConfig(store=store_uri, output=str(out), seed=seed, shuffle_buffer=shuffle_buffer, workers=workers,
+                     batch_size=batch_size)
     trainer = TorchTrainer(
         _stream_loop,
         train_loop_config={"windows": data.train_windows, "batch_size": batch_size, "epochs": epochs, "seed": seed,
                            "shuffle_buffer": shuffle_buffer, "out": str(out)},
         datasets=training_datasets(tc, data),
-        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest()),
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(tc, data)),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name="stream", storage_path=str(tmp / "ray"),
                                        failure_config=ray.train.FailureConfig(max_failures=0)),
