@@ -272,7 +272,16 @@ def main(argv=None) -> int:
                                     "note": f"not run: the split alone is {n * 64 * 1001 * 6 / GIB:.0f} GiB "
                                             "(float32 + float16 copy)"})
                 continue
-            r = run(stores[n], loader, 1, a, tmp)
+            try:
+                r = run(stores[n], loader, 1, a, tmp)
+            except Exception as e:  # the old loader on a large store: Ray's memory monitor kills the worker
+                if loader == "stream":
+                    raise
+                reason = "out of memory" if "memory" in str(e).lower() else type(e).__name__
+                memory_rows.append({"windows": n, "loader": "in memory (baseline)",
+                                    "note": f"failed: {reason} (the worker was killed)"})
+                print(json.dumps(memory_rows[-1]), flush=True)
+                continue
             memory_rows.append({"windows": n, "loader": "stream" if loader == "stream" else "in memory (baseline)",
                                 "worker_private_gib": r["worker_private"] / GIB,
                                 "worker_shared_gib": r["worker_shared"] / GIB, "job_pss_gib": r["job_pss"] / GIB,
