@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,3 +133,28 @@ def cpu_used_since(before: dict[int, float] | None) -> float | None:
     if before is None or after is None:
         return None
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
+class Poller:
+    """Calls self.poll() every `every` seconds in a background thread while the `with` block runs."""
+
+    def __init__(self, every: float):
+        self.every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def poll(self):
+        raise NotImplementedError
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()

@@ -23,13 +23,12 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 import soundfile as sf
 
-from common import cpu_count, facts_line, load_average, machine_facts, markdown_table, write_results
+from common import Poller, cpu_count, facts_line, load_average, machine_facts, markdown_table, write_results
 
 from langid.config import FeatureConfig
 
@@ -141,31 +140,6 @@ def tree_rss() -> int:
         except OSError:
             pass
     return total
-
-
-class Poller:
-    """Calls self.poll() every `every` seconds in a background thread while the `with` block runs."""
-
-    def __init__(self, every: float):
-        self.every = every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def poll(self):
-        raise NotImplementedError
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.poll()
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 class PeakSampler(Poller):

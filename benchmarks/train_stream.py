@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import numpy as np  # noqa: E402
 
-from common import cpu_count, facts_line, machine_facts, markdown_table, write_results  # noqa: E402
+from common import Poller, cpu_count, facts_line, machine_facts, markdown_table, write_results  # noqa: E402
 
 from langid.config import FeatureConfig  # noqa: E402
 
@@ -66,31 +65,20 @@ def tree_pss() -> int:
     return total
 
 
-class Peak:
-    """Samples `read()` (a dict of numbers) every `every` seconds in a thread while the `with` block runs."""
+class Peak(Poller):
+    """The largest value of each key of `read()` (a dict of numbers), sampled every `every` seconds."""
 
     def __init__(self, read, every: float):
-        self.read, self.every, self.peak = read, every, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(every)
+        self.read, self.peak = read, {}
 
-    def _sample(self):
+    def poll(self):
         for k, v in self.read().items():
             self.peak[k] = max(self.peak.get(k, 0), v)
 
-    def _run(self):
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+        super().__exit__(*exc)
+        self.poll()
 
 
 # ---------------------------------------------------------------- the baseline: the old in-memory loader

@@ -64,12 +64,15 @@ def read_windows(store_uri: str, shard: str, split: str, labels: list, batch_siz
             yield pa.Table.from_batches([batch])
 
 
+def class_indices(table: pa.Table, labels: list) -> np.ndarray:
+    """Each row's language as its index in `labels` (int64)."""
+    return pc.index_in(table.column("language"), pa.array(labels)).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def to_examples(table: pa.Table, labels: list) -> dict:
     """Store rows as model input: x float16 (n, n_mels, n_frames) (half the bytes of the store's float32; the
     values are in [0, 1]), y int64 class indices."""
-    x = logmel_matrix(table).astype(np.float16)
-    y = pc.index_in(table.column("language"), pa.array(labels)).to_numpy(zero_copy_only=False).astype(np.int64)
-    return {"x": x, "y": y}
+    return {"x": logmel_matrix(table).astype(np.float16), "y": class_indices(table, labels)}
 
 
 def _read_shards(batch: dict, store_uri: str, split: str, labels: list) -> Iterator[dict]:
@@ -102,11 +105,9 @@ def window_dataset(store_uri: str, split: str, data: TrainingData, shuffle_seed:
 
 def iter_split(store_uri: str, split: str, labels: list, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(x float32 (n, n_mels, n_frames), y int64) batches of one split, read shard by shard in this process."""
-    index = pa.array(labels)
     for shard in Store(store_uri).shards(WINDOWS):
         for table in read_windows(store_uri, shard, split, labels, batch_size):
-            y = pc.index_in(table.column("language"), index).to_numpy(zero_copy_only=False).astype(np.int64)
-            yield np.array(logmel_matrix(table)), y  # writable: torch.from_numpy warns on read-only arrays
+            yield np.array(logmel_matrix(table)), class_indices(table, labels)  # writable, for torch.from_numpy
 
 
 class StreamLoader:
