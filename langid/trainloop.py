@@ -54,7 +54,7 @@ class EpochMetrics(Callback):
 
     def after_batch(self):
         n = len(self.yb[0])
-        loss = float(self.loss) * n
+        loss = float(self.loss.detach()) * n
         if self.training:
             self.sums[:2] += torch.tensor([loss, n], dtype=torch.float64)
         else:
