@@ -102,8 +102,8 @@ def paced_scheduling():
 
 def window_dataset(store_uri: str, split: str, data: TrainingData, shuffle_seed: Optional[int] = None,
                    readers: int = 2):
-    """A Ray Dataset of one split's windows as {x, y}, one read task per shard; with a seed, the shards come in a
-    new order each execution (each epoch), the same orders on every run."""
+    """A Ray Dataset of one split's windows as {x, y}, a block per shard, SHARDS_PER_TASK shards per read task; with
+    a seed, the shards come in a new order each execution (each epoch), the same orders on every run."""
     import ray.data
     from ray.data import RandomSeedConfig
 
@@ -116,8 +116,8 @@ def window_dataset(store_uri: str, split: str, data: TrainingData, shuffle_seed:
     # worker takes both here): read tasks that asked for a CPU would wait forever, so they ask for none. Without
     # a CPU to bound them they would be as many as the shards, and every epoch would start that many processes
     # (Ray ends idle ones beyond a node's CPUs): a few readers keep up with the model and start in a second.
-    # Each task reads several shards, a block each, as a generator that Ray pauses while its blocks wait: with no
-    # task under way, Ray Data's scheduler polls without pause and takes a core from training.
+    # Several shards per task: fewer tasks to schedule; the scheduler's busy polling is what `paced_scheduling`
+    # stops, not this.
     return ds.map_batches(_read_shards, batch_size=SHARDS_PER_TASK, num_cpus=0,
                           compute=ray.data.TaskPoolStrategy(size=readers),
                           fn_kwargs={"store_uri": store_uri, "split": split, "labels": list(data.labels)})
