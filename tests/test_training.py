@@ -194,7 +194,9 @@ def test_training_learns_the_separable_corpus(store, tmp_path):
     from langid.evaluation import evaluate
 
     store_dir, corpus = store
-    stages = default_schedule((1, 4, 1), (1e-2, 2e-3, 1e-4))
+    # from random initialisation, 4 epochs at 2e-3 left some store orders at 0.67 (shard names, hence order,
+    # follow the temporary path); 5e-3 reached 1.0 on every order tried
+    stages = default_schedule((1, 4, 1), (1e-2, 5e-3, 1e-4))
     out = tmp_path / "model"
     res = run_training(TrainConfig(store=str(store_dir), output=str(out), workers=1, arch="resnet18", stages=stages,
                                    batch_size=8, max_failures=0), pretrained=False)
