@@ -27,6 +27,29 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-confidence", type=_probability, default=0.0, help="below this, the answer is 'unknown'")
     p.add_argument("--top-k", type=_positive_int, default=3,
                    help="languages listed with their probabilities (default %(default)s)")
+    from langid.timeline import SWITCH_PENALTY
+
+    def non_negative(text: str) -> float:
+        v = float(text)
+        if not v >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return v
+
+    p.add_argument("--switch-penalty", type=non_negative, default=SWITCH_PENALTY,
+                   help="cost of a language switch in the timeline (segments), in nats of log-probability: higher "
+                        "absorbs more single-window flips, 0 keeps each window's own language (default %(default)s)")
+
+
+MODEL_HELP = ("model folder written by train, or whisper:<size> (tiny, base, small, ...) or whisper:/path/to/folder "
+              "for Whisper's own language detection")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    from langid.whisper import DEFAULT_WINDOW_SECONDS
+
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--whisper-window", type=float, metavar="SECONDS",
+                   help=f"Whisper models: seconds of audio per answer, at most 30 (default {DEFAULT_WINDOW_SECONDS:g})")
 
 
 def _probability(text: str) -> float:
@@ -60,9 +83,20 @@ def _add_feature_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-mels", type=int, default=d.n_mels, help="mel bands (default %(default)s)")
     g.add_argument("--fmin", type=float, default=d.fmin, help="lowest mel frequency (default %(default)s)")
     g.add_argument("--fmax", type=float, default=d.fmax, help="highest mel frequency (default %(default)s)")
+    g.add_argument("--frontend", default="logmel", metavar="{logmel,whisper-encoder:MODEL,whisper-mel:MODEL}",
+                   help="logmel: langid's log-mel images (default); whisper-encoder:base: Whisper's encoder output, "
+                        "pooled per window (a pretrained front-end for --arch mlp); whisper-mel:base: Whisper's own "
+                        "log-mel (to evaluate whisper:base on the store). Whisper front-ends use --window-seconds only")
 
 
 def _feature_config(a: argparse.Namespace) -> FeatureConfig:
+    frontend, _, name = a.frontend.partition(":")
+    if frontend != "logmel":
+        from langid.whisper import feature_config, parse_spec
+
+        if frontend not in ("whisper-mel", "whisper-encoder") or not name:
+            raise UserError(f"--frontend {a.frontend}: use logmel, whisper-encoder:MODEL or whisper-mel:MODEL")
+        return feature_config(frontend, parse_spec("whisper:" + name), a.window_seconds)
     return FeatureConfig(sample_rate=a.sample_rate, window_seconds=a.window_seconds, n_fft=a.n_fft,
                          hop_length=a.hop_length, n_mels=a.n_mels, fmin=a.fmin, fmax=a.fmax)
 
@@ -70,10 +104,12 @@ def _feature_config(a: argparse.Namespace) -> FeatureConfig:
 def cmd_preprocess(a: argparse.Namespace) -> int:
     from langid.preprocess import run_preprocess
     from langid.runtime import init_ray, quiet_ray_data
+    from langid.sources import ManifestOptions
 
     from langid.uris import exists
 
     cfg = _feature_config(a)
+    manifest = ManifestOptions(a.min_confidence, a.group_by)
     if not exists(a.input):  # before Ray starts: a typo costs no start-up
         raise FileNotFoundError(f"{a.input}: no such directory or manifest file")
     how = init_ray(a.address, a.num_cpus)
@@ -82,7 +118,7 @@ def cmd_preprocess(a: argparse.Namespace) -> int:
         print(f"langid preprocess: {how}", file=sys.stderr)
     res = run_preprocess(a.input, a.output, cfg, a.format, a.valid_fraction, a.seed, a.png, a.batch_size,
                          a.cpus_per_task, a.max_seconds, progress=not a.quiet, split=a.split,
-                         memory=a.memory_per_task)
+                         memory=a.memory_per_task, manifest=manifest)
     print(res.summary())
     for path, reason in res.errors[:10]:
         print(f"  failed: {path}: {reason}")
@@ -163,7 +199,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from langid.evaluation import evaluate
 
-    r = evaluate(a.model, a.store, a.output, a.split, a.batch_size, progress=not a.quiet)
+    r = evaluate(a.model, a.store, a.output, a.split, a.batch_size, progress=not a.quiet,
+                 window_seconds=a.whisper_window, languages=_languages(a.languages))
     low, high = r["accuracy_ci95"]
     eer = "n/a" if r["eer"] is None else f"{r['eer']:.4f}"
     print(f"{r['split']}: {r['files']} files, accuracy {r['accuracy']:.4f} (95% CI {low:.3f}-{high:.3f}), "
@@ -173,15 +210,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_label(a: argparse.Namespace) -> int:
+    from langid.inference import check_languages, describe_model
     from langid.labeling import LabelOptions, run_label
-    from langid.model import inspect_model
     from langid.runtime import init_ray, quiet_ray_data
 
-    from langid.inference import check_languages
-
-    check_languages(_languages(a.languages), inspect_model(a.model)["labels"])  # before Ray starts
+    check_languages(_languages(a.languages), describe_model(a.model, a.whisper_window)["labels"])  # before Ray starts
     opts = LabelOptions(languages=_languages(a.languages), min_confidence=a.min_confidence, top_k=a.top_k,
-                        overlap=a.overlap, probabilities=a.probabilities or bool(a.parquet), max_seconds=a.max_seconds)
+                        overlap=a.overlap, probabilities=a.probabilities or bool(a.parquet), max_seconds=a.max_seconds,
+                        window_seconds=a.whisper_window, switch_penalty=a.switch_penalty)
     how = init_ray(a.address, a.num_cpus)
     quiet_ray_data()
     if not a.quiet:
@@ -203,9 +239,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     from langid.inference import load_model
 
-    ident = load_model(a.model, a.device)
+    ident = load_model(a.model, a.device, window_seconds=a.whisper_window)
     preds = ident.predict_many(a.files, languages=_languages(a.languages), min_confidence=a.min_confidence,
-                               top_k=a.top_k)
+                               top_k=a.top_k, switch_penalty=a.switch_penalty)
     if a.json:
         print(json.dumps([p.to_dict() for p in preds], indent=2))
         return 0
@@ -236,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the grouped split (default %(default)s)")
     p.add_argument("--split", choices=["train", "valid", "test"],
                    help="put every file in this split (e.g. test for a held-out set) instead of splitting")
+    p.add_argument("--min-confidence", type=_probability, default=0.0,
+                   help="with a label CSV as input: keep only answers at least this confident")
+    p.add_argument("--group-by", choices=["speaker", "folder", "file"], default="speaker",
+                   help="what stays on one side of the split for manifest rows: the speaker column (else each "
+                        "file), the file's folder, or each file (default %(default)s)")
     p.add_argument("--png", action="store_true", help="also write one PNG image per window under STORE/png")
     p.add_argument("--batch-size", type=int, default=32, help="files per task and per shard (default %(default)s)")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray CPUs reserved per task (default %(default)s)")
@@ -281,10 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics and a report for a model on a labelled store split",
                        description="Accuracy with a 95%% CI, per-language P/R/F1, confusion matrix (CSV, PNG), "
                                    "per-speaker accuracy, Cavg and EER; file scores average their windows.")
-    p.add_argument("--model", required=True, help="model folder written by train")
+    _add_model_flags(p)
     p.add_argument("--store", required=True, help="store written by preprocess")
     p.add_argument("--output", required=True, help="folder for report.md, metrics.json and the figures")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="(default %(default)s)")
+    p.add_argument("--languages", help="score answers among these only, e.g. en,de,es (as label --languages)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
@@ -293,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One CSV row per input file (ok or error), streamed through Ray Data: decoding "
                                    "in tasks, the model once per actor. Rerunning with the same --output resumes. "
                                    "Exit status 0 when the job ran, even with error rows.")
-    p.add_argument("--model", required=True, help="model folder written by train")
+    _add_model_flags(p)
     p.add_argument("--input", required=True,
                    help="directory (recursive), glob ('data/**/*.flac'), file list (@list.txt), or .tar/.tar.gz/.zip")
     p.add_argument("--output", required=True, help="CSV to write (rows accumulate in OUTPUT.partial until done)")
@@ -318,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="languages of a few files, without Ray",
                        description="Predict the language of each file in this process (no Ray): a table, or --json.")
     p.add_argument("files", nargs="+", help="audio files")
-    p.add_argument("--model", required=True, help="model folder written by train")
+    _add_model_flags(p)
     _add_answer_flags(p)
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -332,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     from langid.model import ModelError
     from langid.store import StoreError
 
+    from langid.whisper import WhisperError
+
     try:
         return args.func(args)
-    except (UserError, StoreError, ModelError, *USER_ERRORS) as e:
+    except (UserError, StoreError, ModelError, WhisperError, *USER_ERRORS) as e:
         if os.environ.get("LANGID_DEBUG"):  # the traceback behind a one-line error, for bug reports
             raise
         print(f"langid {args.command}: error: {e}", file=sys.stderr)

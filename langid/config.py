@@ -8,7 +8,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mlp")  # mlp: on encoder embeddings
+# what a window becomes: langid's log-mel image, Whisper's log-mel (for Whisper itself), or Whisper's encoder
+# output pooled over time (a frozen pretrained front-end for langid's own models)
+FRONTENDS = ("logmel", "whisper-mel", "whisper-encoder")
+TEXT_KEYS = ("frontend", "whisper")
+# keys added after stores and models were first saved: absent in a saved configuration, they mean the old features
+LATER_KEYS = {"frontend": "logmel", "whisper": "", "embed_dim": 0}
 # ceilings that keep one window's arrays to a few hundred MiB, checked before a configuration read from a file is used
 MAX_SAMPLE_RATE = 384_000
 MAX_FFT = 1 << 16
@@ -33,9 +39,22 @@ class FeatureConfig:
     db_ceil: float = 0.0
     # windows whose RMS is below this (dBFS) are flagged as silent
     silence_dbfs: float = -60.0
+    frontend: str = "logmel"
+    whisper: str = ""  # the Whisper model of a whisper-* front-end: a size (base) or a folder
+    embed_dim: int = 0  # whisper-encoder: the encoder's width
 
     def __post_init__(self):
+        if self.frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, got {self.frontend!r}")
+        if (self.frontend == "logmel") != (self.whisper == ""):
+            raise ValueError("a whisper-* frontend needs a Whisper model name, and only it")
+        if (self.frontend == "whisper-encoder") != (self.embed_dim > 0):
+            raise ValueError("embed_dim is set for the whisper-encoder frontend, and only for it")
+        if self.frontend != "logmel" and (self.sample_rate, self.n_fft, self.hop_length) != (16000, 400, 160):
+            raise ValueError("Whisper's features are at 16 kHz with n_fft 400 and hop 160")
         for f in dataclasses.fields(self):
+            if f.name in TEXT_KEYS:
+                continue
             if not math.isfinite(getattr(self, f.name)):
                 raise ValueError(f"{f.name} must be a finite number, got {getattr(self, f.name)!r}")
         if self.sample_rate <= 0 or self.window_seconds <= 0:
@@ -65,6 +84,15 @@ class FeatureConfig:
         """Frames of one window's spectrogram (librosa's centred STFT)."""
         return 1 + self.window_samples // self.hop_length
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of one window's features as the store keeps them and the model takes them."""
+        if self.frontend == "whisper-encoder":
+            return 2, self.embed_dim  # mean and standard deviation over time
+        if self.frontend == "whisper-mel":
+            return self.n_mels, self.window_samples // self.hop_length  # Whisper drops the STFT's last frame
+        return self.n_mels, self.window_frames
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -80,11 +108,17 @@ class FeatureConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown feature-config keys: {sorted(unknown)}")
-        if complete and known - set(d):
-            raise ValueError(f"missing feature-config keys: {sorted(known - set(d))}")
+        missing = known - set(d) - set(LATER_KEYS)
+        if complete and missing:
+            raise ValueError(f"missing feature-config keys: {sorted(missing)}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         out = {}
         for k, v in d.items():
+            if k in TEXT_KEYS:
+                if not isinstance(v, str) or len(v) > 4096:
+                    raise ValueError(f"feature-config key {k!r} must be a string, got {v!r}")
+                out[k] = v
+                continue
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ValueError(f"feature-config key {k!r} must be a number, got {v!r}")
             if isinstance(v, int) and abs(v) > 2 ** 53:  # past float precision, and float() overflows at 10**309

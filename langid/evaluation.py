@@ -11,20 +11,23 @@ import numpy as np
 import pyarrow.compute as pc
 
 from langid import metrics
-from langid.inference import LanguageIdentifier, load_model
+from langid.inference import LanguageIdentifier, load_model, restrict
 from langid.store import WINDOWS, Store, StoreError, logmel_matrix
 from langid.uris import StagedFolder, local_folder
 
 
 def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", batch_size: int = 32,
-                progress: bool = True):
-    """Per-file (paths, languages, speakers, log-probabilities) for a split, read one shard at a time."""
+                progress: bool = True, candidates: Optional[list] = None):
+    """Per-file (paths, languages, speakers, log-probabilities) for a split, read one shard at a time; with
+    `candidates` (label indices), each window is renormalised over them first, as labeling does."""
     from tqdm.auto import tqdm
 
     store = Store(store_uri)
     if store.read_config() != ident.cfg:
+        hint = (f"--frontend whisper-mel:{ident.cfg.whisper} --window-seconds {ident.cfg.window_seconds:g}"
+                if ident.cfg.frontend == "whisper-mel" else "the model's settings (model.json: feature_config)")
         raise StoreError(f"{store_uri} was preprocessed with other features than the model's; "
-                         "preprocess again with the model's settings (model.json: feature_config)")
+                         f"preprocess again with {hint}")
     paths, langs, speakers, lps, speech = [], [], [], [], []
     for shard in tqdm(store.shards(WINDOWS), desc=f"scoring {split}", unit="shard", disable=not progress):
         import pyarrow.dataset as ds
@@ -32,7 +35,8 @@ def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", 
         table = ds.dataset(shard, filesystem=store.fs, format="parquet").to_table(filter=pc.field("split") == split)
         if table.num_rows == 0:
             continue
-        lps.append(ident.logprobs(logmel_matrix(table), batch_size))
+        lp = ident.logprobs(logmel_matrix(table), batch_size)
+        lps.append(lp if candidates is None else restrict(lp, candidates))
         paths += table.column("path").to_pylist()
         langs += table.column("language").to_pylist()
         speakers += table.column("speaker").to_pylist()
@@ -52,13 +56,17 @@ def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", 
 
 
 def evaluate(model_dir: str, store_uri: str, output: str, split: str = "test", batch_size: int = 32,
-             progress: bool = True) -> dict:
-    """Write metrics.json, predictions.csv, confusion_matrix.csv/.png and report.md into `output`."""
+             progress: bool = True, window_seconds: Optional[float] = None,
+             languages: Optional[list] = None) -> dict:
+    """Write metrics.json, predictions.csv, confusion_matrix.csv/.png and report.md into `output`; `languages`
+    restricts the answers to these candidates, as labeling does."""
     from langid.plots import confusion_matrix_png
+    from langid.whisper import parse_spec
 
-    ident = load_model(model_dir)
-    labels = ident.labels
-    files, langs, speakers, file_lp = score_store(ident, store_uri, split, batch_size, progress)
+    ident = load_model(model_dir, window_seconds=window_seconds)
+    idx = ident.candidate_indices(languages)
+    labels = [ident.labels[i] for i in idx]
+    files, langs, speakers, file_lp = score_store(ident, store_uri, split, batch_size, progress, idx)
     known = np.array([lang in labels for lang in langs])
     skipped = sorted({lang for lang, k in zip(langs, known) if not k})
     files = [f for f, k in zip(files, known) if k]
@@ -94,10 +102,10 @@ def evaluate(model_dir: str, store_uri: str, output: str, split: str = "test", b
                 w.writerow([lang, *row])
         confusion_matrix_png(np.array(report["confusion_matrix"]), labels,
                              os.path.join(local, "confusion_matrix.png"), title=f"Confusion matrix ({split}, {len(files)} files)")
-        curves = os.path.join(local_folder(model_dir), "training_curves.png")
-        if os.path.exists(curves):
+        curves = "" if parse_spec(model_dir) else os.path.join(local_folder(model_dir), "training_curves.png")
+        if curves and os.path.exists(curves):
             shutil.copy(curves, os.path.join(local, "training_curves.png"))
-        write_report(result, local, has_curves=os.path.exists(curves), meta=ident.meta)
+        write_report(result, local, has_curves=bool(curves) and os.path.exists(curves), meta=ident.meta)
     return result
 
 

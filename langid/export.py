@@ -44,11 +44,11 @@ def export_model(output: str, tc: TrainConfig, cfg: FeatureConfig, labels: list[
         "metrics": {"valid": progress["best"][last]},
     }
     for stage_name, weights in best.items():
-        model = LangIdNet(tc.arch, len(labels))
+        model = LangIdNet(tc.arch, len(labels), input_shape=cfg.shape)
         model.load_state_dict(weights)
         folder = os.path.join(output, "stages", stage_name)
         save_model(model, folder, labels, cfg, {**meta, "metrics": {"valid": progress["best"][stage_name]}})
-    model = LangIdNet(tc.arch, len(labels))
+    model = LangIdNet(tc.arch, len(labels), input_shape=cfg.shape)
     model.load_state_dict(best[last])
     meta["calibration"] = calibrate(model, tc.store, labels)
     save_model(model, output, labels, cfg, meta)

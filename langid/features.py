@@ -81,13 +81,33 @@ def windows(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None =
 
 
 def window_features(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None = None):
-    """(specs (n, n_mels, frames) float32, start seconds (n,), speech mask (n,)) for a whole mono signal."""
-    specs, starts, speech = [], [], []
-    for start, chunk, flags in windows(samples, cfg, hop_seconds):
-        specs.append(log_mel(chunk, cfg))
-        starts.append(start)
-        speech.append("silent" not in flags)
-    return np.stack(specs), np.array(starts), np.array(speech)
+    """(features (n, *cfg.shape) float32, start seconds (n,), speech mask (n,)) for a whole mono signal."""
+    specs, starts, flags = flagged_window_features(samples, cfg, hop_seconds)
+    return specs, starts, np.array(["silent" not in f for f in flags])
+
+
+def flagged_window_features(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None = None):
+    """(features (n, *cfg.shape) float32, start seconds (n,), each window's flags) for a whole mono signal."""
+    found = list(windows(samples, cfg, hop_seconds))
+    starts = np.array([start for start, _, _ in found])
+    lengths = [min(cfg.window_samples, len(samples) - int(round(s * cfg.sample_rate))) for s in starts]
+    return featurize([chunk for _, chunk, _ in found], lengths, cfg), starts, [f for _, _, f in found]
+
+
+def featurize(chunks: list, lengths: list, cfg: FeatureConfig) -> np.ndarray:
+    """(n, *cfg.shape) float32 features of equal-length windows, of which the first `lengths` samples are audio."""
+    if cfg.frontend == "logmel":
+        return np.stack([log_mel(c, cfg) for c in chunks])
+    from langid.whisper import shared_whisper
+
+    for c in chunks:
+        if not np.all(np.isfinite(c)):
+            raise AudioError("audio contains NaN or infinite samples")
+    whisper = shared_whisper(cfg.whisper)
+    mels = np.stack([whisper.mel(c) for c in chunks])
+    if cfg.frontend == "whisper-mel":
+        return mels
+    return whisper.embed(mels, np.array(lengths) // cfg.hop_length)
 
 
 def file_flags(duration: float, rms_dbfs: float, peak_dbfs: float, cfg: FeatureConfig) -> list[str]:

@@ -11,16 +11,9 @@ import torch
 from langid.audio import AudioError, from_array, load_audio
 from langid.features import window_features
 from langid.model import load_model as _load_weights
+from langid.timeline import SWITCH_PENALTY, Segment, check_switch_penalty, smooth_path
 
 UNKNOWN = "unknown"
-
-
-@dataclass
-class Segment:
-    start: float
-    end: float
-    language: str
-    confidence: float
 
 
 @dataclass
@@ -70,18 +63,19 @@ class LanguageIdentifier:
 
     def decide(self, path: str, window_logprobs: np.ndarray, starts: np.ndarray, speech: np.ndarray,
                duration: float, languages: Optional[Sequence[str]] = None, min_confidence: float = 0.0,
-               top_k: int = 3) -> Prediction:
-        """A file's answer from its windows: mean log-probability over speech windows, restricted and gated."""
+               top_k: int = 3, switch_penalty: float = SWITCH_PENALTY) -> Prediction:
+        """A file's answer from its windows: mean log-probability over speech windows, restricted and gated.
+
+        The timeline is the speech windows' smoothed path; the answer does not depend on `switch_penalty`."""
         idx = self.candidate_indices(languages)
+        speech = np.asarray(speech, dtype=bool)  # an empty list from a row would index as floats
         pred = Prediction(path=path, duration=duration, windows=len(starts), windows_used=int(speech.sum()))
-        lp = window_logprobs[:, idx]
-        lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)  # renormalise over the candidates
+        lp = restrict(window_logprobs, idx)
         names = [self.labels[i] for i in idx]
         win = self.cfg.window_seconds
-        for s, row, sp in zip(starts, lp, speech):
-            if sp:
-                j = int(np.argmax(row))
-                pred.segments.append(Segment(float(s), float(min(s + win, duration)), names[j], float(np.exp(row[j]))))
+        spoken = lp[speech]
+        for s, row, j in zip(np.asarray(starts)[speech], spoken, smooth_path(spoken, switch_penalty)):
+            pred.segments.append(Segment(float(s), float(min(s + win, duration)), names[j], float(np.exp(row[j]))))
         if not speech.any():
             pred.language, pred.error = UNKNOWN, "no speech found"
             return pred
@@ -104,15 +98,18 @@ class LanguageIdentifier:
 
     def predict(self, source: Union[str, os.PathLike, np.ndarray], sample_rate: Optional[int] = None,
                 languages: Optional[Sequence[str]] = None, min_confidence: float = 0.0, top_k: int = 3,
-                hop_seconds: Optional[float] = None) -> Prediction:
+                hop_seconds: Optional[float] = None, switch_penalty: float = SWITCH_PENALTY) -> Prediction:
         """Predict one file path or mono array (give `sample_rate` with an array)."""
-        return self.predict_many([source], sample_rate, languages, min_confidence, top_k, hop_seconds)[0]
+        return self.predict_many([source], sample_rate, languages, min_confidence, top_k, hop_seconds,
+                                 switch_penalty=switch_penalty)[0]
 
     def predict_many(self, sources: Iterable, sample_rate: Optional[int] = None,
                      languages: Optional[Sequence[str]] = None, min_confidence: float = 0.0, top_k: int = 3,
-                     hop_seconds: Optional[float] = None, batch_size: int = 32) -> list[Prediction]:
+                     hop_seconds: Optional[float] = None, batch_size: int = 32,
+                     switch_penalty: float = SWITCH_PENALTY) -> list[Prediction]:
         """Predict many files with their windows batched together through the network."""
-        self.candidate_indices(languages)  # bad candidates fail before any work
+        self.candidate_indices(languages)  # bad candidates and penalties fail before any work
+        check_switch_penalty(switch_penalty)
         results, pending = [], []
         for source in sources:
             name = "<array>" if isinstance(source, np.ndarray) else str(source)
@@ -129,7 +126,7 @@ class LanguageIdentifier:
             offset = 0
             for i, name, specs, starts, speech, duration in pending:
                 results[i] = self.decide(name, lp[offset:offset + len(specs)], starts, speech, duration, languages,
-                                         min_confidence, top_k)
+                                         min_confidence, top_k, switch_penalty)
                 offset += len(specs)
         return results
 
@@ -142,6 +139,12 @@ class LanguageIdentifier:
         return audio.samples, audio.duration
 
 
+def restrict(window_logprobs: np.ndarray, candidates: Sequence[int]) -> np.ndarray:
+    """Window log-probabilities over the candidate classes only, renormalised to sum to one."""
+    lp = window_logprobs[:, candidates]
+    return lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
+
+
 def check_languages(languages: Optional[Sequence[str]], labels: Sequence[str]) -> None:
     """Candidate languages must be ones the model knows."""
     unknown = [x for x in languages or () if x not in labels]
@@ -149,8 +152,54 @@ def check_languages(languages: Optional[Sequence[str]], labels: Sequence[str]) -
         raise ValueError(f"languages {','.join(unknown)} are not in the model (it knows {','.join(labels)})")
 
 
-def load_model(path: str, device: Optional[str] = None) -> LanguageIdentifier:
-    """`langid.load_model(folder)`: a ready LanguageIdentifier (CUDA when present unless `device` says)."""
+def load_model(path: str, device: Optional[str] = None, window_seconds: Optional[float] = None,
+               threads: int = 0) -> LanguageIdentifier:
+    """`langid.load_model(folder)`: a ready LanguageIdentifier (CUDA when present unless `device` says); a folder
+    trained by langid, or `whisper:<size or folder>` for Whisper's own language detection (`window_seconds` long)."""
+    from langid.whisper import parse_spec
+
+    name = parse_spec(path)
+    if name is not None:
+        return WhisperIdentifier(name, device, window_seconds, threads)
+    if window_seconds is not None:
+        raise ValueError("a window length is given to Whisper models only; a trained model keeps its own")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = _load_weights(path, dev)
     return LanguageIdentifier(model, meta, dev)
+
+
+def describe_model(path: str, window_seconds: Optional[float] = None) -> dict:
+    """A model's metadata (labels, feature configuration, architecture), checked, without loading its weights."""
+    from langid.model import inspect_model
+    from langid.whisper import DEFAULT_WINDOW_SECONDS, describe, parse_spec
+
+    name = parse_spec(path)
+    if name is not None:
+        return describe(name, window_seconds or DEFAULT_WINDOW_SECONDS)
+    if window_seconds is not None:
+        raise ValueError("a window length is given to Whisper models only; a trained model keeps its own")
+    return inspect_model(path)
+
+
+class WhisperIdentifier(LanguageIdentifier):
+    """Whisper's language detection on each window (input as short as the window: Whisper need not see 30 s),
+    answered and aggregated exactly as a trained model's windows."""
+
+    def __init__(self, name: str, device: Optional[str] = None, window_seconds: Optional[float] = None,
+                 threads: int = 0):
+        from langid.whisper import DEFAULT_WINDOW_SECONDS, Whisper, describe
+
+        import ctranslate2
+
+        if device is None:
+            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        self.whisper = Whisper(name, device, threads or torch.get_num_threads())
+        meta = describe(name, window_seconds or DEFAULT_WINDOW_SECONDS)
+        super().__init__(None, meta, torch.device(self.whisper.device))
+
+    def logprobs(self, specs: np.ndarray, batch_size: int = 8) -> np.ndarray:
+        out = [self.whisper.language_probs(specs[i:i + batch_size]) for i in range(0, len(specs), batch_size)]
+        if not out:
+            return np.zeros((0, len(self.labels)), np.float32)
+        probs = np.maximum(np.concatenate(out), 1e-12)
+        return np.log(probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)

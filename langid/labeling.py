@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
 from langid.inputs import MEMBER_SEP, Item, iter_archive
-from langid.uris import absolute_uri, exists, is_uri, open_input, put_file, staging_path
+from langid.timeline import SWITCH_PENALTY, merge_segments  # merge_segments: callers import it from here too
+from langid.uris import exists, is_uri, open_input, put_file, staging_path
 
 BASE_COLUMNS = ["path", "language", "confidence", "top_languages", "duration", "windows", "windows_used",
                 "status", "error"]
@@ -41,6 +42,8 @@ class LabelOptions:
     overlap: float = 0.0  # fraction of a window shared with the next one, for long files
     probabilities: bool = False
     max_seconds: float = 4 * 3600.0
+    window_seconds: Optional[float] = None  # Whisper models: the window each answer looks at
+    switch_penalty: float = SWITCH_PENALTY  # nats a language switch costs in the timeline
 
     def __post_init__(self):
         if not 0 <= self.overlap < 1:
@@ -49,6 +52,9 @@ class LabelOptions:
             raise ValueError("--min-confidence must be in [0, 1]")
         if self.top_k < 1:
             raise ValueError("--top-k must be at least 1")
+        if not self.switch_penalty >= 0:
+            raise ValueError(f"--switch-penalty must be >= 0 (0 keeps every window's own language), "
+                             f"got {self.switch_penalty}")
 
     @property
     def hop_seconds_factor(self) -> float:
@@ -128,12 +134,12 @@ class Predictor:
         from langid.inference import load_model
 
         torch.set_num_threads(max(1, threads))
-        self.ident = load_model(model_dir)
+        self.ident = load_model(model_dir, window_seconds=opts.window_seconds, threads=max(1, threads))
         self.opts = opts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ident, o = self.ident, self.opts
-        shape = (ident.cfg.n_mels, ident.cfg.window_frames)
+        shape = ident.cfg.shape
         rows = batch.to_pylist()
         ok = [r for r in rows if r["error"] is None]
         specs = [np.frombuffer(r["specs"], np.float32).reshape(-1, *shape) for r in ok]
@@ -142,7 +148,7 @@ class Predictor:
         results = {}
         for r, s in zip(ok, specs):
             pred = ident.decide(r["key"], lp[offset:offset + len(s)], np.array(r["starts"]), np.array(r["speech"]),
-                                r["duration"], o.languages, o.min_confidence, o.top_k)
+                                r["duration"], o.languages, o.min_confidence, o.top_k, o.switch_penalty)
             offset += len(s)
             results[r["key"]] = pred
         for r in rows:
@@ -167,20 +173,6 @@ RESULT_SCHEMA = pa.schema([
     ("duration", pa.float64()), ("windows", pa.int32()), ("windows_used", pa.int32()), ("status", pa.string()),
     ("error", pa.string()), ("probabilities", pa.string()), ("segments", pa.string()),
 ])
-
-
-def merge_segments(segments: list) -> list:
-    """Consecutive windows with the same language become one segment (overlapping windows included)."""
-    from langid.inference import Segment
-
-    merged: list = []  # [start, end, language, [confidences]]
-    for s in segments:
-        if merged and merged[-1][2] == s.language and s.start <= merged[-1][1] + 1e-6:
-            merged[-1][1] = max(merged[-1][1], s.end)
-            merged[-1][3].append(s.confidence)
-        else:
-            merged.append([s.start, s.end, s.language, [s.confidence]])
-    return [Segment(a, b, lang, float(np.mean(c))) for a, b, lang, c in merged]
 
 
 def read_items(batch: pa.Table, all_files: bool, skip: frozenset):
@@ -356,13 +348,13 @@ def _run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions,
     import ray
     from tqdm.auto import tqdm
 
+    from langid.inference import check_languages, describe_model  # here: decode tasks need no torch
     from langid.inputs import is_archive, list_inputs
-    from langid.model import inspect_model
+    from langid.whisper import absolute_model
 
     t0 = time.perf_counter()
-    meta = inspect_model(model_dir)
+    meta = describe_model(model_dir, opts.window_seconds)
     labels = meta["labels"]
-    from langid.inference import check_languages  # here, not at the top: decode tasks need no torch
 
     check_languages(opts.languages, labels)
     if parquet and not opts.probabilities:  # the Parquet output carries the full probability vector
@@ -415,7 +407,7 @@ def _run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions,
         ds = ds.map_batches(featurize_batch, fn_args=(cfg.to_dict(), opts.hop_seconds_factor, opts.max_seconds),
                             batch_size=4, batch_format="pyarrow", ray_remote_args_fn=lambda: {"num_cpus": cpus_per_task})
         ds = ds.map_batches(Predictor,  # the actors open the model from the cluster's working directory
-                            fn_constructor_args=(absolute_uri(model_dir), opts, int(max(1, cpus_per_actor))),
+                            fn_constructor_args=(absolute_model(model_dir), opts, int(max(1, cpus_per_actor))),
                             batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=actor_cpus, num_gpus=gpus_per_actor,
                             **({"memory": memory_per_actor} if memory_per_actor else {}))

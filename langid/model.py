@@ -9,6 +9,7 @@ import json
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -43,14 +44,22 @@ def make_head(n_features: int, n_classes: int, hidden: int = 512) -> nn.Sequenti
 
 
 class LangIdNet(nn.Module):
-    """ResNet body (conv1 taking one channel) + fastai-style head; input (batch, 1, n_mels, frames) in [0, 1]."""
+    """ResNet body (conv1 taking one channel) + fastai-style head; input (batch, 1, n_mels, frames) in [0, 1].
+    The `mlp` architecture is a small network on a frozen front-end's pooled embedding (input (batch, 1, *shape))."""
 
-    def __init__(self, arch: str, n_classes: int, resnet_state: Optional[dict] = None):
+    def __init__(self, arch: str, n_classes: int, resnet_state: Optional[dict] = None,
+                 input_shape: Optional[tuple] = None):
         super().__init__()
         import torchvision
 
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        self.arch, self.n_classes = arch, n_classes
+        if arch == "mlp":
+            if input_shape is None:
+                raise ValueError("the mlp architecture needs its input shape (the store's feature configuration)")
+            self._mlp(int(np.prod(input_shape)), n_classes)
+            return
         resnet = getattr(torchvision.models, arch)()
         if resnet_state is not None:
             resnet.load_state_dict(resnet_state)
@@ -62,18 +71,29 @@ class LangIdNet(nn.Module):
         self.body = nn.Sequential(conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                                   resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
         self.head = make_head(n_features, n_classes)
-        self.arch, self.n_classes = arch, n_classes
+        self.split_at = 6  # fastai's ResNet split: stem to layer2, then layer3-4
+
+    def _mlp(self, n_in: int, n_classes: int, hidden: int = 128) -> None:
+        # the input's BatchNorm standardises the embedding, as a scaler fitted on the training set would; small and
+        # heavily dropped out, since a few hundred clips are what it learns from (measured in benchmarks/realspeech.py)
+        self.body = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(n_in), nn.Dropout(0.5), nn.Linear(n_in, hidden),
+                                  nn.ReLU(inplace=True))
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(hidden, n_classes))
+        self.split_at = 2  # input normalisation | hidden layer | head
 
     def forward(self, x):
         if x.dim() == 3:
             x = x.unsqueeze(1)
+        if self.arch == "mlp":
+            return self.head(self.body(x))
         return self.head(self.body((x - INPUT_MEAN) / INPUT_STD))
 
 
 def layer_groups(model: LangIdNet) -> list[list[nn.Parameter]]:
     """Three groups for discriminative learning rates: early body, late body, head (fastai's ResNet split)."""
     model = getattr(model, "module", model)  # through DistributedDataParallel
-    return [list(model.body[:6].parameters()), list(model.body[6:].parameters()), list(model.head.parameters())]
+    k = model.split_at
+    return [list(model.body[:k].parameters()), list(model.body[k:].parameters()), list(model.head.parameters())]
 
 
 def imagenet_weights(arch: str, weights_file: Optional[str] = None, download: bool = True):
@@ -105,15 +125,17 @@ def _read_state_dict(path: str) -> dict:
 
 
 def build_model(arch: str, n_classes: int, pretrained: bool = True, weights_file: Optional[str] = None,
-                log=print) -> LangIdNet:
+                log=print, input_shape: Optional[tuple] = None) -> LangIdNet:
     """A LangIdNet, with ImageNet weights in its body when they can be had (the message says which)."""
     state = None
-    if pretrained:
+    if arch == "mlp":
+        log("mlp on the store's front-end embeddings: no ImageNet weights")
+    elif pretrained:
         state, message = imagenet_weights(arch, weights_file)
         log(message)
     else:
         log("random initialisation (pretrained weights not asked for)")
-    return LangIdNet(arch, n_classes, resnet_state=state)
+    return LangIdNet(arch, n_classes, resnet_state=state, input_shape=input_shape)
 
 
 def save_model(model: LangIdNet, folder: str, labels: list[str], cfg: FeatureConfig, extra: Optional[dict] = None) -> None:
@@ -210,7 +232,7 @@ def inspect_model(folder: str) -> dict:
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{weights}: weights do not fit the metadata ({' '.join(str(e).split())[:200]})") from None
     with torch.device("meta"):  # shapes without memory
-        model = LangIdNet(meta["architecture"], len(meta["labels"]))
+        model = LangIdNet(meta["architecture"], len(meta["labels"]), input_shape=meta["feature_config"].shape)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     wrong = sorted(set(shapes.items()) ^ set(expected.items()))
     if wrong:
@@ -228,7 +250,7 @@ def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[LangIdN
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    model = LangIdNet(meta["architecture"], len(meta["labels"]))
+    model = LangIdNet(meta["architecture"], len(meta["labels"]), input_shape=meta["feature_config"].shape)
     try:
         state = load_file(weights)
         model.load_state_dict(state)

@@ -11,8 +11,8 @@ import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
 from langid.config import FeatureConfig
-from langid.features import file_flags, log_mel, to_png, windows
-from langid.sources import assign_splits, discover
+from langid.features import file_flags, flagged_window_features, to_png
+from langid.sources import ManifestOptions, assign_splits, find_sources
 from langid.store import ERRORS, WINDOWS, Store, shard_id
 from langid.uris import absolute_uri, write_atomic
 
@@ -34,16 +34,19 @@ def process_file(record: dict, cfg: FeatureConfig, max_seconds: float = 4 * 3600
     base = {k: record.get(k) for k in FILE_KEYS}
     fflags = file_flags(audio.duration, audio.rms_dbfs, audio.peak_dbfs, cfg)
     rows = []
-    for i, (start, chunk, wflags) in enumerate(windows(audio.samples, cfg)):
-        spec = log_mel(chunk, cfg)
+    try:
+        specs, starts, wflags = flagged_window_features(audio.samples, cfg)
+    except AudioError as e:
+        return [], str(e)
+    for i, (start, spec, flags) in enumerate(zip(starts, specs, wflags)):
         rows.append({
             **base,
             "window_index": i,
-            "window_start": start,
+            "window_start": float(start),
             "duration": audio.duration,
             "source_sample_rate": audio.source_sample_rate,
             "source_channels": audio.source_channels,
-            "quality_flags": ",".join(dict.fromkeys(fflags + wflags)),
+            "quality_flags": ",".join(dict.fromkeys(fflags + flags)),
             "n_mels": spec.shape[0],
             "n_frames": spec.shape[1],
             "logmel": spec.ravel(),
@@ -117,11 +120,16 @@ class PreprocessResult:
     windows: int = 0
     seconds: float = 0.0
     errors: list = field(default_factory=list)  # (path, reason) of this run's failures
+    left_out: dict = field(default_factory=dict)  # label CSV rows that are no training data: reason -> count
 
     def summary(self) -> str:
-        return (f"{self.files_seen} files: {self.skipped_done} already in the store, {self.ok} ok "
+        text = (f"{self.files_seen} files: {self.skipped_done} already in the store, {self.ok} ok "
                 f"({self.windows} windows), {self.failed} failed, in {self.seconds:.1f} s. "
                 f"Windows: {self.store}/windows, errors: {self.store}/errors")
+        if self.left_out:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in self.left_out.items())
+            text += f"\n{sum(self.left_out.values())} label rows left out: {reasons}"
+        return text
 
 
 def run_preprocess(
@@ -138,14 +146,19 @@ def run_preprocess(
     progress: bool = True,
     split: str | None = None,
     memory: int = 0,
+    manifest: ManifestOptions = ManifestOptions(),
 ) -> PreprocessResult:
-    """Discover, split, and compute every file not yet in the store; Ray must be initialised."""
+    """Discover, split, and compute every file not yet in the store; Ray must be initialised.
+
+    `manifest` says which answers of a label CSV to keep and how to group files for the split.
+    """
     import ray
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     output = absolute_uri(output)
-    records = [utf8_record(r) for r in discover(input_path, source_format)]
+    found = find_sources(input_path, source_format, manifest)
+    records = [utf8_record(r) for r in found.records]
     if split is not None:  # a held-out set: every file gets this split
         records = [{**r, "split": split} for r in records]
     records = assign_splits(records, valid_fraction, seed)
@@ -153,7 +166,8 @@ def run_preprocess(
     store.init(cfg)
     done = store.done_paths()
     todo = [r for r in records if r["path"] not in done]
-    result = PreprocessResult(store=output, files_seen=len(records), skipped_done=len(records) - len(todo))
+    result = PreprocessResult(store=output, files_seen=len(records), skipped_done=len(records) - len(todo),
+                              left_out=found.left_out)
     if todo:
         batch_size = files_per_task(len(todo), batch_size, int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / batch_size))

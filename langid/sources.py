@@ -1,4 +1,4 @@
-"""Find labelled audio: the Kaggle layout, folder-per-language trees and CSV/TSV manifests.
+"""Find labelled audio: the Kaggle layout, folder-per-language trees and CSV/TSV manifests (`langid label` CSVs too).
 
 Every source yields plain dict records (one per file) with the same keys, so one job serves all.
 """
@@ -9,12 +9,13 @@ import hashlib
 import io
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional
 
 from pyarrow.fs import FileType
 
 from langid.audio import AUDIO_EXTENSIONS
+from langid.inputs import ARCHIVE_SUFFIXES, MEMBER_SEP
 from langid.uris import absolute_uri, is_uri, kind, list_files, open_input
 
 KAGGLE_PATTERN = "lang_gender_<32-hex recording id>.fragmentN[.speedK|.pitchK|.noiseK].flac"
@@ -134,11 +135,100 @@ def scan_folders(root: str) -> list[dict]:
     return records
 
 
-def read_manifest(path: str) -> list[dict]:
-    """CSV or TSV with columns path (or file), language and optional split, speaker; relative paths are from the manifest."""
+GROUP_BY = ("speaker", "folder", "file")
+# what `langid label` answers below its --min-confidence; langid.inference.UNKNOWN, not imported (it loads torch)
+UNKNOWN = "unknown"
+# why a label CSV row is no training data, in the order a summary names them
+LABEL_FAILED, ANSWERED_UNKNOWN, LOW_CONFIDENCE = "labeling failed", "answered unknown", "below the minimum confidence"
+LEFT_OUT_REASONS = (LABEL_FAILED, ANSWERED_UNKNOWN, LOW_CONFIDENCE)
+
+
+@dataclass(frozen=True)
+class ManifestOptions:
+    """Which answers of a label CSV to train on, and what keeps files together on one side of the split."""
+
+    min_confidence: float = 0.0
+    group_by: str = "speaker"  # speaker: the speaker column, else each file alone; folder: the file's folder
+
+    def __post_init__(self):
+        if not 0 <= self.min_confidence <= 1:
+            raise ValueError(f"--min-confidence must be in [0, 1], got {self.min_confidence}")
+        if self.group_by not in GROUP_BY:
+            raise ValueError(f"--group-by must be one of {', '.join(GROUP_BY)}, got {self.group_by!r}")
+
+
+@dataclass
+class Sources:
+    """An input's records, and how many label CSV rows were left out of them, by reason."""
+
+    records: list
+    left_out: dict = field(default_factory=dict)
+
+
+def _open_text(path: str):
+    # surrogate escapes: `langid label` writes names that are not UTF-8 as their bytes, and they must open again
+    if is_uri(path):
+        return io.TextIOWrapper(open_input(path), encoding="utf-8", errors="surrogateescape", newline="")
+    return open(path, newline="", encoding="utf-8", errors="surrogateescape")
+
+
+def _is_archive_member(p: str) -> bool:
+    archive, sep, _ = p.partition(MEMBER_SEP)
+    return bool(sep) and archive.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _group(full: str, speaker: Optional[str], group_by: str) -> str:
+    """The split group of a file: its speaker (else the file itself), its folder, or the file itself."""
+    if group_by == "folder":
+        return full.rsplit("/", 1)[0] if is_uri(full) else os.path.dirname(full)
+    return speaker if group_by == "speaker" and speaker else full
+
+
+def _left_out(row: dict, label_csv: bool, min_confidence: float) -> Optional[str]:
+    """Why a row is no training data (one of LEFT_OUT_REASONS), or None; raises ValueError for a bad confidence."""
+    if label_csv and (row.get("status") or "").strip() != "ok":
+        return LABEL_FAILED
+    if label_csv and (row.get("language") or "").strip() in ("", UNKNOWN):
+        return ANSWERED_UNKNOWN
+    if min_confidence > 0:
+        text = (row.get("confidence") or "").strip()
+        try:
+            confidence = float(text)
+        except ValueError:
+            raise ValueError(f"confidence {text!r} is not a number") from None
+        if not confidence >= min_confidence:  # NaN too
+            return LOW_CONFIDENCE
+    return None
+
+
+def _record(row: dict, i: int, p: str, base: str, group_by: str) -> SourceFile:
+    """One manifest row (line i) as a record; a row that cannot be used gets its reason in `error`."""
+    full = p if (os.path.isabs(p) or is_uri(p)) else f"{base}/{p}" if is_uri(base) else os.path.join(base, p)
+    rec = SourceFile(path=full, language=(row.get("language") or "").strip() or None)
+    split = (row.get("split") or "").strip() or None
+    if split is not None and split not in SPLITS:
+        rec.error = f"manifest line {i}: split {split!r} is not one of {', '.join(SPLITS)}"
+    rec.split = split
+    rec.speaker = rec.recording_id = _group(full, (row.get("speaker") or "").strip() or None, group_by)
+    if not p:
+        rec.error = f"manifest line {i}: empty path"
+    elif _is_archive_member(p):
+        rec.error = (f"manifest line {i}: archive members cannot be preprocessed from a manifest; "
+                     f"extract the archive first")
+    elif rec.language is None:
+        rec.error = f"manifest line {i}: empty language"
+    return rec
+
+
+def load_manifest(path: str, opts: ManifestOptions = ManifestOptions()) -> Sources:
+    """A CSV/TSV manifest (columns path or file, language, optional split, speaker) or a `langid label` CSV.
+
+    Relative paths resolve from the manifest's folder. A label CSV keys files as given to `label`, relative to
+    where it ran: write labels.csv there (the usual case) or fix the paths. Of a label CSV (it has status and
+    confidence columns) only answered rows at or above opts.min_confidence become records; the rest are counted.
+    """
     base = os.path.dirname(absolute_uri(path))
-    with (io.TextIOWrapper(open_input(path), encoding="utf-8", newline="") if is_uri(path)
-          else open(path, newline="", encoding="utf-8")) as f:
+    with _open_text(path) as f:
         sample = f.read(4096)
         f.seek(0)
         delimiter = "\t" if path.lower().endswith(".tsv") or sample.count("\t") > sample.count(",") else ","
@@ -147,23 +237,29 @@ def read_manifest(path: str) -> list[dict]:
         path_col = "path" if "path" in cols else "file"
         if not {path_col, "language"} <= cols:
             raise ValueError(f"{path}: manifest needs columns 'path' (or 'file') and 'language', found {sorted(cols)}")
-        records = []
+        if opts.min_confidence > 0 and "confidence" not in cols:
+            raise ValueError(f"{path}: --min-confidence needs a 'confidence' column (a CSV written by `langid label`); "
+                             f"drop the flag for this manifest")
+        label_csv = {"status", "confidence"} <= cols
+        records, counts = [], dict.fromkeys(LEFT_OUT_REASONS, 0)
         for i, row in enumerate(reader, start=2):
             p = (row.get(path_col) or "").strip()
-            full = p if (os.path.isabs(p) or is_uri(p)) else f"{base}/{p}" if is_uri(base) else os.path.join(base, p)
-            rec = SourceFile(path=full, language=(row.get("language") or "").strip() or None)
-            split = (row.get("split") or "").strip() or None
-            if split is not None and split not in SPLITS:
-                rec.error = f"manifest line {i}: split {split!r} is not one of {', '.join(SPLITS)}"
-            rec.split = split
-            speaker = (row.get("speaker") or "").strip() or None
-            rec.speaker = rec.recording_id = speaker or full
-            if not p:
-                rec.error = f"manifest line {i}: empty path"
-            elif rec.language is None:
-                rec.error = f"manifest line {i}: empty language"
+            try:
+                reason, problem = _left_out(row, label_csv, opts.min_confidence), None
+            except ValueError as e:
+                reason, problem = None, f"manifest line {i}: {e}"
+            if reason is not None:
+                counts[reason] += 1
+                continue
+            rec = _record(row, i, p, base, opts.group_by)
+            rec.error = rec.error or problem
             records.append(rec.to_dict())
-    return records
+    return Sources(records, {k: n for k, n in counts.items() if n})
+
+
+def read_manifest(path: str, min_confidence: float = 0.0, group_by: str = "speaker") -> list[dict]:
+    """The records of load_manifest (see there), without the count of label rows left out."""
+    return load_manifest(path, ManifestOptions(min_confidence, group_by)).records
 
 
 def detect_format(input_path: str) -> str:
@@ -177,13 +273,23 @@ def detect_format(input_path: str) -> str:
     return "folders"
 
 
-def discover(input_path: str, fmt: str = "auto") -> list[dict]:
-    """Records for a Kaggle tree, a folder-per-language tree or a manifest (`fmt` auto-detects)."""
+def find_sources(input_path: str, fmt: str = "auto", manifest: ManifestOptions = ManifestOptions()) -> Sources:
+    """Records for a Kaggle tree, a folder-per-language tree or a manifest (`fmt` auto-detects), read with `manifest`."""
     fmt = detect_format(input_path) if fmt == "auto" else fmt
-    scanners = {"kaggle": scan_kaggle, "folders": scan_folders, "manifest": read_manifest}
+    scanners = {"kaggle": scan_kaggle, "folders": scan_folders}
+    if fmt == "manifest":
+        return load_manifest(input_path, manifest)
     if fmt not in scanners:
         raise ValueError(f"unknown source format {fmt!r}: use auto, kaggle, folders or manifest")
-    return scanners[fmt](input_path)
+    if manifest != ManifestOptions():
+        raise ValueError(f"{input_path}: --min-confidence and --group-by apply to a CSV/TSV manifest, "
+                         f"not a {fmt} tree; drop them")
+    return Sources(scanners[fmt](input_path))
+
+
+def discover(input_path: str, fmt: str = "auto") -> list[dict]:
+    """Records for a Kaggle tree, a folder-per-language tree or a manifest (`fmt` auto-detects)."""
+    return find_sources(input_path, fmt).records
 
 
 def _rank(seed: int, key: str) -> str:

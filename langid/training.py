@@ -39,8 +39,13 @@ def check_run_settings(output: str, tc: TrainConfig, labels: list[str]) -> None:
     write_atomic(fs, path, json.dumps(mine, indent=2).encode())
 
 
-def check_trainable(tc: TrainConfig, data: TrainingData) -> None:
-    """Enough windows for every worker to train and validate on its share; AMP only where CUDA is."""
+def check_trainable(tc: TrainConfig, data: TrainingData, frontend: str = "logmel") -> None:
+    """Enough windows for every worker to train and validate on its share; AMP only where CUDA is; the mlp on
+    encoder embeddings and a ResNet on spectrograms."""
+    if (tc.arch == "mlp") != (frontend == "whisper-encoder"):
+        raise ValueError(f"{tc.store} holds {frontend} features: train " +
+                         ("--arch mlp on them" if frontend == "whisper-encoder" else "a ResNet on them (--arch mlp "
+                          "needs a store preprocessed with --frontend whisper-encoder:MODEL)"))
     if tc.amp and not tc.gpu:
         raise ValueError("mixed precision (--amp) needs CUDA workers (--gpu)")
     if data.train_windows < 2 * tc.workers or data.valid_windows < tc.workers:
@@ -86,10 +91,12 @@ def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optiona
     tc = replace(tc, store=absolute_uri(tc.store), output=absolute_uri(tc.output))
     cfg = Store(tc.store).read_config()
     data = training_data(tc.store)
-    check_trainable(tc, data)
+    check_trainable(tc, data, cfg.frontend)
     check_run_settings(tc.output, tc, data.labels)
     state = None
-    if pretrained:
+    if tc.arch == "mlp":
+        log("mlp on the store's front-end embeddings")
+    elif pretrained:
         state, message = imagenet_weights(tc.arch, weights_file)
         log(message)
     else:
@@ -134,7 +141,9 @@ def run_lr_find(tc: TrainConfig, pretrained: bool = True, weights_file: Optional
     tc = replace(tc, store=absolute_uri(tc.store))
     data = training_data(tc.store)
     device = default_device(tc.gpu)
-    model = build_model(tc.arch, len(data.labels), pretrained, weights_file).to(device)
+    check_trainable(tc, data, Store(tc.store).read_config().frontend)
+    model = build_model(tc.arch, len(data.labels), pretrained, weights_file,
+                        input_shape=(data.n_mels, data.n_frames)).to(device)
     train = StreamLoader(window_dataset(tc.store, TRAIN, data, shuffle_seed=tc.seed), data.train_windows,
                          tc.batch_size, shuffle_buffer=tc.shuffle_buffer, seed=tc.seed)
     valid = StreamLoader(window_dataset(tc.store, VALID, data), data.valid_windows, tc.batch_size)

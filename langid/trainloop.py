@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = rtt.get_device()
 
     state_dict = ray.get(config["pretrained"]) if config.get("pretrained") is not None else None
-    model = LangIdNet(tc.arch, len(data.labels), resnet_state=state_dict)
+    model = LangIdNet(tc.arch, len(data.labels), resnet_state=state_dict, input_shape=(data.n_mels, data.n_frames))
     del state_dict
     progress, opt_state = resume(model, rank)
     model = model.to(device)
@@ -166,7 +166,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     dls = data_loaders(tc, data, rank, world, device)
     metrics = EpochMetrics()
-    cbs = [metrics] + ([SpecAugment(tc.seed + rank)] if tc.spec_augment else [])
+    # masking bands and frames is for spectrograms, not for an encoder's pooled embedding
+    cbs = [metrics] + ([SpecAugment(tc.seed + rank)] if tc.spec_augment and tc.arch != "mlp" else [])
     workdir = tempfile.mkdtemp(prefix="langid-learner-")
     learn = make_learner(model, dls, workdir, cbs, mixed_precision=tc.mixed_precision)
     for i in range(progress.stage, len(stages)):

@@ -46,7 +46,7 @@ def training_data(store_uri: str) -> TrainingData:
     if valid == 0:
         raise StoreError(f"{store_uri}: no validation windows of the training languages; "
                          "preprocess with --valid-fraction > 0")
-    return TrainingData(labels, sum(per[(TRAIN, lang)] for lang in labels), valid, cfg.n_mels, cfg.window_frames)
+    return TrainingData(labels, sum(per[(TRAIN, lang)] for lang in labels), valid, *cfg.shape)
 
 
 def _split_filter(split: str, labels: list):
