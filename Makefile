@@ -21,6 +21,8 @@ REALSPEECH := $(wildcard ../shared/data/realspeech/manifest.tsv)
 # 3-s windows give the network three times the examples of a 10-s window for the same compute
 
 DEMO_FEATURES := --window-seconds 3
+# the pretrained zero-shot backend beside the trained model, answering among the corpus's languages
+WHISPER := --model whisper:base --languages en,de,es
 # the demo schedule: the write-up's three stages, shortened to minutes on 2 CPU cores
 DEMO_TRAIN := --arch resnet18 --epochs 1,8,1 --lr 1e-2,5e-3,1e-4 --batch-size 16 --workers 1 --cpus-per-worker 2
 
@@ -32,11 +34,16 @@ demo: $(STAMP)
 ifneq ($(REALSPEECH),)
 	$(PY) jobs/preprocess.py --input $(REALSPEECH) --output $(DEMO)/realspeech-store --split test --quiet $(DEMO_FEATURES)
 	$(PY) jobs/evaluate.py --model $(DEMO)/model --store $(DEMO)/realspeech-store --output $(DEMO)/report-realspeech --quiet
+	$(PY) jobs/preprocess.py --input $(REALSPEECH) --output $(DEMO)/realspeech-whisper-store --split test --quiet --frontend whisper-mel:base
+	$(PY) jobs/evaluate.py --model whisper:base --store $(DEMO)/realspeech-whisper-store --output $(DEMO)/report-realspeech-whisper --quiet
 endif
 	$(PY) jobs/label.py --model $(DEMO)/model --input "$(DEMO)/corpus/test/test/*.flac" --output $(DEMO)/labels.csv
+	$(PY) jobs/label.py $(WHISPER) --input "$(DEMO)/corpus/test/test/*.flac" --output $(DEMO)/labels-whisper.csv
 	$(PY) jobs/label.py --model $(DEMO)/model --input $(DEMO)/long --output $(DEMO)/labels-long.csv --segments $(DEMO)/segments-long.csv
+	$(PY) jobs/label.py $(WHISPER) --input $(DEMO)/long --output $(DEMO)/labels-long-whisper.csv --segments $(DEMO)/segments-long-whisper.csv
 	@echo "demo: corpus $(DEMO)/corpus, store $(DEMO)/store, model $(DEMO)/model, report $(DEMO)/report/report.md,"
-	@echo "      labels $(DEMO)/labels.csv, long files $(DEMO)/labels-long.csv with timeline $(DEMO)/segments-long.csv"
+	@echo "      labels $(DEMO)/labels.csv, long files $(DEMO)/labels-long.csv with timeline $(DEMO)/segments-long.csv;"
+	@echo "      whisper:base's labels beside them: $(DEMO)/labels-whisper.csv, $(DEMO)/labels-long-whisper.csv"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

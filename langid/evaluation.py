@@ -95,12 +95,16 @@ def evaluate(model_dir: str, store_uri: str, output: str, split: str = "test", b
             for i, path in enumerate(files):
                 w.writerow([path, speakers[i], labels[y_true[i]], labels[y_pred[i]], f"{probs[i].max():.6f}",
                             *[f"{p:.6f}" for p in probs[i]]])
+        # the languages spoken or answered: an open-set model's matrix would otherwise be 99 x 99, nearly all zeros
+        cm = np.array(report["confusion_matrix"])
+        shown = [i for i in range(len(labels)) if cm[i].any() or cm[:, i].any()]
+        cm, shown_labels = cm[np.ix_(shown, shown)], [labels[i] for i in shown]
         with open(os.path.join(local, "confusion_matrix.csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["true \\ predicted", *labels])
-            for lang, row in zip(labels, report["confusion_matrix"]):
+            w.writerow(["true \\ predicted", *shown_labels])
+            for lang, row in zip(shown_labels, cm.tolist()):
                 w.writerow([lang, *row])
-        confusion_matrix_png(np.array(report["confusion_matrix"]), labels,
+        confusion_matrix_png(cm, shown_labels,
                              os.path.join(local, "confusion_matrix.png"), title=f"Confusion matrix ({split}, {len(files)} files)")
         curves = "" if parse_spec(model_dir) else os.path.join(local_folder(model_dir), "training_curves.png")
         if curves and os.path.exists(curves):

@@ -183,7 +183,10 @@ class Whisper:
     def _storage(self, mels: np.ndarray):
         import ctranslate2
 
-        return ctranslate2.StorageView.from_array(np.ascontiguousarray(mels, dtype=np.float32))
+        mels = np.ascontiguousarray(mels, dtype=np.float32)
+        if not mels.flags.writeable:  # CTranslate2 refuses read-only buffers (a store's columns are)
+            mels = mels.copy()
+        return ctranslate2.StorageView.from_array(mels)
 
     def language_probs(self, mels: np.ndarray) -> np.ndarray:
         """(n, languages) probabilities for (n, n_mels, frames) windows."""

@@ -59,12 +59,17 @@ def test_classification_report_hand_example():
 
 @pytest.mark.filterwarnings("error")
 def test_classification_report_language_without_trials():
-    # "es" never occurs: it still gets a zero row/column and zeros (no warning) that count in the macro F1.
+    # "es" never occurs: it still gets a zero row/column and zeros (no warning), and stays out of the macro F1
+    # (neither spoken nor answered, it has no F1; an open-set model such as Whisper knows 99 such languages).
     rep = classification_report([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], ["en", "fr", "de", "es"])
     assert rep["confusion_matrix"][3] == [0, 0, 0, 0]
     assert [row[3] for row in rep["confusion_matrix"]] == [0, 0, 0, 0]
     assert rep["per_language"]["es"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    assert rep["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 4)
+    assert rep["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    # a language answered but never spoken counts, with F1 0: the wrong answers are not hidden
+    rep = classification_report([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 3], ["en", "fr", "de", "es"])
+    assert rep["per_language"]["es"]["f1"] == 0 and rep["macro_f1"] == pytest.approx(
+        np.mean([rep["per_language"][x]["f1"] for x in ("en", "fr", "de", "es")]))
 
 
 @pytest.mark.filterwarnings("error")
