@@ -169,7 +169,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     epochs = [int(e) for e in _three("--epochs", a.epochs)]
     if not any(epochs):
         raise UserError("--epochs: at least one stage needs an epoch")
-    stages = default_schedule(epochs, _three("--lr", a.lr), _three("--lr-divisors", a.lr_divisors))
+    divisors = _three("--lr-divisors", a.lr_divisors)
+    if not all(d > 0 for d in divisors):  # each group's rate is lr / divisor
+        raise UserError(f"--lr-divisors takes values > 0, got {divisors}")
+    stages = default_schedule(epochs, _three("--lr", a.lr), divisors)
     tc = TrainConfig(store=a.store, output=a.output, arch=a.arch, stages=stages, batch_size=a.batch_size,
                      workers=a.workers, gpu=bool(a.gpu), amp=a.amp, cpus_per_worker=a.cpus_per_worker,
                      memory_per_worker=a.memory_per_worker, seed=a.seed, spec_augment=not a.no_spec_augment,
