@@ -54,6 +54,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_stream.py
 	$(PY) benchmarks/label.py
 	$(PY) benchmarks/scaling.py
+ifneq ($(REALSPEECH),)
+	$(PY) benchmarks/whisper_speed.py
+	$(PY) benchmarks/realspeech.py
+endif
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
