@@ -32,8 +32,7 @@ def log_mel(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
 
     if samples.ndim != 1:
         raise ValueError(f"expected a mono signal (frames,), got shape {samples.shape}")
-    if not np.all(np.isfinite(samples)):
-        raise AudioError("audio contains NaN or infinite samples")
+    check_finite(samples)
     peak = float(np.max(np.abs(samples))) if samples.size else 0.0
     if peak > 1.0:  # relative to the maximum, dB do not depend on level; this keeps float32 powers finite
         samples = samples / np.float32(peak)
@@ -42,6 +41,11 @@ def log_mel(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     mel = _mel_basis(cfg) @ power.astype(np.float32)
     db = librosa.power_to_db(mel, ref=np.max, amin=1e-10, top_db=cfg.top_db)
     return np.clip((db - cfg.db_floor) / (cfg.db_ceil - cfg.db_floor), 0.0, 1.0).astype(np.float32)
+
+
+def check_finite(samples: np.ndarray) -> None:
+    if not np.all(np.isfinite(samples)):
+        raise AudioError("audio contains NaN or infinite samples")
 
 
 def window_starts(n_samples: int, cfg: FeatureConfig, hop_seconds: float | None = None) -> list[int]:
@@ -101,8 +105,7 @@ def featurize(chunks: list, lengths: list, cfg: FeatureConfig) -> np.ndarray:
     from langid.whisper import shared_whisper
 
     for c in chunks:
-        if not np.all(np.isfinite(c)):
-            raise AudioError("audio contains NaN or infinite samples")
+        check_finite(c)
     whisper = shared_whisper(cfg.whisper)
     mels = np.stack([whisper.mel(c) for c in chunks])
     if cfg.frontend == "whisper-mel":

@@ -161,8 +161,7 @@ def load_model(path: str, device: Optional[str] = None, window_seconds: Optional
     name = parse_spec(path)
     if name is not None:
         return WhisperIdentifier(name, device, window_seconds, threads)
-    if window_seconds is not None:
-        raise ValueError("a window length is given to Whisper models only; a trained model keeps its own")
+    _no_window(window_seconds)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = _load_weights(path, dev)
     return LanguageIdentifier(model, meta, dev)
@@ -176,9 +175,13 @@ def describe_model(path: str, window_seconds: Optional[float] = None) -> dict:
     name = parse_spec(path)
     if name is not None:
         return describe(name, window_seconds or DEFAULT_WINDOW_SECONDS)
+    _no_window(window_seconds)
+    return inspect_model(path)
+
+
+def _no_window(window_seconds: Optional[float]) -> None:
     if window_seconds is not None:
         raise ValueError("a window length is given to Whisper models only; a trained model keeps its own")
-    return inspect_model(path)
 
 
 class WhisperIdentifier(LanguageIdentifier):
@@ -187,15 +190,15 @@ class WhisperIdentifier(LanguageIdentifier):
 
     def __init__(self, name: str, device: Optional[str] = None, window_seconds: Optional[float] = None,
                  threads: int = 0):
-        from langid.whisper import DEFAULT_WINDOW_SECONDS, Whisper, describe
+        from langid.whisper import DEFAULT_WINDOW_SECONDS, Whisper
 
         import ctranslate2
 
         if device is None:
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
         self.whisper = Whisper(name, device, threads or torch.get_num_threads())
-        meta = describe(name, window_seconds or DEFAULT_WINDOW_SECONDS)
-        super().__init__(None, meta, torch.device(self.whisper.device))
+        super().__init__(None, self.whisper.metadata(window_seconds or DEFAULT_WINDOW_SECONDS),
+                         torch.device(self.whisper.device))
 
     def logprobs(self, specs: np.ndarray, batch_size: int = 8) -> np.ndarray:
         out = [self.whisper.language_probs(specs[i:i + batch_size]) for i in range(0, len(specs), batch_size)]

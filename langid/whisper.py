@@ -176,6 +176,10 @@ class Whisper:
             raise WhisperError(f"{PREFIX}{name}: {self.folder} cannot be loaded ({' '.join(str(e).split())[:200]})") from None
         self.index = {f"<|{lang}|>": i for i, lang in enumerate(self.languages)}
 
+    def metadata(self, window_seconds: float = DEFAULT_WINDOW_SECONDS) -> dict:
+        """As `describe` gives it, from this loaded model."""
+        return _metadata(self.name, self.languages, _feature_config("whisper-mel", self.name, window_seconds, self.n_mels))
+
     def mel(self, window: np.ndarray) -> np.ndarray:
         """(n_mels, samples // 160) float32: Whisper's log-mel of one 16 kHz window, of any length up to 30 s."""
         return self.extractor(np.asarray(window, np.float32))[:, : len(window) // HOP_LENGTH].astype(np.float32)
@@ -216,13 +220,18 @@ def shared_whisper(name: str, device: str = "cpu", threads: int = 1) -> Whisper:
 
 def feature_config(frontend: str, name: str, window_seconds: float = DEFAULT_WINDOW_SECONDS):
     """The FeatureConfig of a Whisper front-end ('whisper-mel' or 'whisper-encoder') for model `name`."""
+    n_mels = _n_mels(model_folder(name))
+    embed_dim = 0
+    if frontend == "whisper-encoder":
+        embed_dim = shared_whisper(name).embed(np.zeros((1, n_mels, 100), np.float32)).shape[2]
+    return _feature_config(frontend, name, window_seconds, n_mels, embed_dim)
+
+
+def _feature_config(frontend: str, name: str, window_seconds: float, n_mels: int, embed_dim: int = 0):
     from langid.config import FeatureConfig
 
     if not 0 < window_seconds <= 30:
         raise ValueError(f"a Whisper window is at most 30 s, got {window_seconds}")
-    n_mels, embed_dim = _n_mels(model_folder(name)), 0
-    if frontend == "whisper-encoder":
-        embed_dim = shared_whisper(name).embed(np.zeros((1, n_mels, 100), np.float32)).shape[2]
     return FeatureConfig(sample_rate=SAMPLE_RATE, window_seconds=window_seconds, n_fft=N_FFT, hop_length=HOP_LENGTH,
                          n_mels=n_mels, fmin=0.0, fmax=SAMPLE_RATE / 2, frontend=frontend, whisper=name,
                          embed_dim=embed_dim)
@@ -230,11 +239,14 @@ def feature_config(frontend: str, name: str, window_seconds: float = DEFAULT_WIN
 
 def describe(name: str, window_seconds: float = DEFAULT_WINDOW_SECONDS) -> dict:
     """Model metadata as a langid model folder's model.json gives it (labels, feature configuration)."""
-    languages = _languages(model_folder(name))
+    folder = model_folder(name)
+    return _metadata(name, _languages(folder), _feature_config("whisper-mel", name, window_seconds, _n_mels(folder)))
+
+
+def _metadata(name: str, languages: list, cfg) -> dict:
     if not languages:
         raise WhisperError(f"{PREFIX}{name}: an English-only model has no language detection; use a multilingual one")
-    return {"architecture": PREFIX + name, "labels": languages,
-            "feature_config": feature_config("whisper-mel", name, window_seconds)}
+    return {"architecture": PREFIX + name, "labels": list(languages), "feature_config": cfg}
 
 
 def absolute_model(spec: str) -> str:
