@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
 from langid.inputs import MEMBER_SEP, Item, iter_archive
-from langid.timeline import SWITCH_PENALTY, merge_segments  # merge_segments: callers import it from here too
+from langid.timeline import SWITCH_PENALTY, check_switch_penalty, merge_segments  # merge_segments: callers import it from here too
 from langid.uris import exists, is_uri, open_input, put_file, staging_path
 
 BASE_COLUMNS = ["path", "language", "confidence", "top_languages", "duration", "windows", "windows_used",
@@ -52,9 +52,7 @@ class LabelOptions:
             raise ValueError("--min-confidence must be in [0, 1]")
         if self.top_k < 1:
             raise ValueError("--top-k must be at least 1")
-        if not self.switch_penalty >= 0:
-            raise ValueError(f"--switch-penalty must be >= 0 (0 keeps every window's own language), "
-                             f"got {self.switch_penalty}")
+        check_switch_penalty(self.switch_penalty, "--switch-penalty")
 
     @property
     def hop_seconds_factor(self) -> float:

@@ -44,9 +44,9 @@ def smooth_path(window_logprobs: np.ndarray, switch_penalty: float = SWITCH_PENA
     return path
 
 
-def check_switch_penalty(switch_penalty: float) -> None:
+def check_switch_penalty(switch_penalty: float, name: str = "switch_penalty") -> None:
     if not switch_penalty >= 0:  # NaN too
-        raise ValueError(f"switch_penalty must be >= 0, got {switch_penalty}")
+        raise ValueError(f"{name} must be >= 0 (0 keeps every window's own language), got {switch_penalty}")
 
 
 def merge_segments(segments: list) -> list:
