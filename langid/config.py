@@ -8,13 +8,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from langid.whisper import HOP_LENGTH as WHISPER_HOP, N_FFT as WHISPER_FFT, SAMPLE_RATE as WHISPER_RATE
+
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mlp")  # mlp: on encoder embeddings
 # what a window becomes: langid's log-mel image, Whisper's log-mel (for Whisper itself), or Whisper's encoder
 # output pooled over time (a frozen pretrained front-end for langid's own models)
 FRONTENDS = ("logmel", "whisper-mel", "whisper-encoder")
 TEXT_KEYS = ("frontend", "whisper")
+WHISPER_STFT = (WHISPER_RATE, WHISPER_FFT, WHISPER_HOP)
 # keys added after stores and models were first saved: absent in a saved configuration, they mean the old features
-LATER_KEYS = {"frontend": "logmel", "whisper": "", "embed_dim": 0}
+LATER_KEYS = ("frontend", "whisper", "embed_dim")
 # ceilings that keep one window's arrays to a few hundred MiB, checked before a configuration read from a file is used
 MAX_SAMPLE_RATE = 384_000
 MAX_FFT = 1 << 16
@@ -50,8 +53,8 @@ class FeatureConfig:
             raise ValueError("a whisper-* frontend needs a Whisper model name, and only it")
         if (self.frontend == "whisper-encoder") != (self.embed_dim > 0):
             raise ValueError("embed_dim is set for the whisper-encoder frontend, and only for it")
-        if self.frontend != "logmel" and (self.sample_rate, self.n_fft, self.hop_length) != (16000, 400, 160):
-            raise ValueError("Whisper's features are at 16 kHz with n_fft 400 and hop 160")
+        if self.frontend != "logmel" and (self.sample_rate, self.n_fft, self.hop_length) != WHISPER_STFT:
+            raise ValueError(f"Whisper's features take (sample_rate, n_fft, hop_length) = {WHISPER_STFT}")
         for f in dataclasses.fields(self):
             if f.name in TEXT_KEYS:
                 continue
