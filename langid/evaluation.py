@@ -16,7 +16,7 @@ from langid.store import WINDOWS, Store, StoreError, logmel_matrix
 from langid.uris import StagedFolder, local_folder
 
 
-def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", batch_size: int = 32,
+def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", batch_size: Optional[int] = None,
                 progress: bool = True, candidates: Optional[list] = None):
     """Per-file (paths, languages, speakers, log-probabilities) for a split, read one shard at a time; with
     `candidates` (label indices), each window is renormalised over them first, as labeling does."""
@@ -55,15 +55,15 @@ def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", 
     return files, [first[f][0] for f in files], [first[f][1] for f in files], file_lp
 
 
-def evaluate(model_dir: str, store_uri: str, output: str, split: str = "test", batch_size: int = 32,
+def evaluate(model_dir: str, store_uri: str, output: str, split: str = "test", batch_size: Optional[int] = None,
              progress: bool = True, window_seconds: Optional[float] = None,
-             languages: Optional[list] = None) -> dict:
+             languages: Optional[list] = None, backend: str = "onnx") -> dict:
     """Write metrics.json, predictions.csv, confusion_matrix.csv/.png and report.md into `output`; `languages`
-    restricts the answers to these candidates, as labeling does."""
+    restricts the answers to these candidates, as labeling does; `backend` runs a trained model (load_model's)."""
     from langid.plots import confusion_matrix_png
     from langid.whisper import parse_spec
 
-    ident = load_model(model_dir, window_seconds=window_seconds)
+    ident = load_model(model_dir, window_seconds=window_seconds, backend=backend)
     idx = ident.candidate_indices(languages)
     labels = [ident.labels[i] for i in idx]
     files, langs, speakers, file_lp = score_store(ident, store_uri, split, batch_size, progress, idx)

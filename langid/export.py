@@ -10,6 +10,7 @@ import torch
 
 from langid.config import FeatureConfig, TrainConfig
 from langid.model import LangIdNet, save_model
+from langid.onnxmodel import export_folder
 from langid.trainset import VALID, iter_split
 
 
@@ -31,7 +32,8 @@ def calibrate(model: LangIdNet, store: str, labels: list[str], batch_size: int =
 
 def export_model(output: str, tc: TrainConfig, cfg: FeatureConfig, labels: list[str], progress: dict,
                  best: dict, pretrained: bool, seconds: float) -> dict:
-    """Model folder: the last stage's best weights as the model, each stage's best under stages/, history, curves."""
+    """Model folder: the last stage's best weights as the model (also as model.onnx, for ONNX Runtime), each stage's
+    best under stages/ (exported to ONNX on first use, if ever), history, curves."""
     from langid.plots import training_curves_png
 
     last = [s.name for s in tc.stages if s.epochs > 0][-1]
@@ -52,6 +54,7 @@ def export_model(output: str, tc: TrainConfig, cfg: FeatureConfig, labels: list[
     model.load_state_dict(best[last])
     meta["calibration"] = calibrate(model, tc.store, labels)
     save_model(model, output, labels, cfg, meta)
+    export_folder(model, output, cfg.shape)
     history = progress["history"]
     with open(os.path.join(output, "history.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))

@@ -11,9 +11,11 @@ import torch
 from langid.audio import AudioError, from_array, load_audio
 from langid.features import window_features
 from langid.model import load_model as _load_weights
+from langid.onnxmodel import INPUT, OUTPUT, cuda_available as _ort_cuda, log_softmax, onnx_session
 from langid.timeline import SWITCH_PENALTY, Segment, check_switch_penalty, smooth_path
 
 UNKNOWN = "unknown"
+BACKENDS = ("onnx", "torch")
 
 
 @dataclass
@@ -39,6 +41,9 @@ class Prediction:
 class LanguageIdentifier:
     """A loaded model: features exactly as at training time, batched forward, calibrated probabilities."""
 
+    backend = "torch"
+    default_batch_size = 32
+
     def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device):
         self.model, self.meta, self.device = model, meta, device
         self.labels: list[str] = meta["labels"]
@@ -48,8 +53,9 @@ class LanguageIdentifier:
     # ----- arrays -----
 
     @torch.no_grad()
-    def logprobs(self, specs: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def logprobs(self, specs: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
         """(n, C) log-probabilities for (n, n_mels, frames) log-mel windows."""
+        batch_size = batch_size or self.default_batch_size
         out = []
         for i in range(0, len(specs), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(specs[i:i + batch_size], dtype=np.float32)).to(self.device)
@@ -105,7 +111,7 @@ class LanguageIdentifier:
 
     def predict_many(self, sources: Iterable, sample_rate: Optional[int] = None,
                      languages: Optional[Sequence[str]] = None, min_confidence: float = 0.0, top_k: int = 3,
-                     hop_seconds: Optional[float] = None, batch_size: int = 32,
+                     hop_seconds: Optional[float] = None, batch_size: Optional[int] = None,
                      switch_penalty: float = SWITCH_PENALTY) -> list[Prediction]:
         """Predict many files with their windows batched together through the network."""
         self.candidate_indices(languages)  # bad candidates and penalties fail before any work
@@ -139,6 +145,25 @@ class LanguageIdentifier:
         return audio.samples, audio.duration
 
 
+class OnnxIdentifier(LanguageIdentifier):
+    """The same model through ONNX Runtime (langid/onnxmodel.py): the same answers, faster on CPU."""
+
+    backend = "onnx"
+    default_batch_size = 16  # benchmarks/onnx_speed.py: 16 and 32 fastest on one thread, 64 slower
+
+    def __init__(self, session, meta: dict, device: torch.device, onnx_path: str = ""):
+        super().__init__(None, meta, device)
+        self.session, self.onnx_path = session, onnx_path
+
+    def logprobs(self, specs: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
+        batch_size = batch_size or self.default_batch_size
+        out = []
+        for i in range(0, len(specs), batch_size):
+            x = np.ascontiguousarray(specs[i:i + batch_size], dtype=np.float32)
+            out.append(log_softmax(self.session.run([OUTPUT], {INPUT: x})[0] / np.float32(self.temperature)))
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+
+
 def restrict(window_logprobs: np.ndarray, candidates: Sequence[int]) -> np.ndarray:
     """Window log-probabilities over the candidate classes only, renormalised to sum to one."""
     lp = window_logprobs[:, candidates]
@@ -153,16 +178,26 @@ def check_languages(languages: Optional[Sequence[str]], labels: Sequence[str]) -
 
 
 def load_model(path: str, device: Optional[str] = None, window_seconds: Optional[float] = None,
-               threads: int = 0) -> LanguageIdentifier:
+               threads: int = 0, backend: str = "onnx") -> LanguageIdentifier:
     """`langid.load_model(folder)`: a ready LanguageIdentifier (CUDA when present unless `device` says); a folder
-    trained by langid, or `whisper:<size or folder>` for Whisper's own language detection (`window_seconds` long)."""
+    trained by langid, or `whisper:<size or folder>` for Whisper's own language detection (`window_seconds` long).
+
+    A trained model runs with `backend` "onnx" (ONNX Runtime, its model.onnx exported on first use when missing or
+    stale; on a CUDA device without ONNX Runtime's CUDA provider, torch runs it instead, as the GPU is faster) or
+    "torch" (the reference). `threads`: intra-op threads for ONNX Runtime and Whisper (0: torch's thread count).
+    Whisper runs on CTranslate2 whatever the backend."""
     from langid.whisper import parse_spec
 
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     name = parse_spec(path)
     if name is not None:
         return WhisperIdentifier(name, device, window_seconds, threads)
     _no_window(window_seconds)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if backend == "onnx" and (dev.type == "cpu" or _ort_cuda()):
+        session, meta, onnx_path = onnx_session(path, dev, threads or torch.get_num_threads())
+        return OnnxIdentifier(session, meta, dev, onnx_path)
     model, meta = _load_weights(path, dev)
     return LanguageIdentifier(model, meta, dev)
 
@@ -188,6 +223,9 @@ class WhisperIdentifier(LanguageIdentifier):
     """Whisper's language detection on each window (input as short as the window: Whisper need not see 30 s),
     answered and aggregated exactly as a trained model's windows."""
 
+    backend = "ctranslate2"
+    default_batch_size = 8
+
     def __init__(self, name: str, device: Optional[str] = None, window_seconds: Optional[float] = None,
                  threads: int = 0):
         from langid.whisper import DEFAULT_WINDOW_SECONDS, Whisper
@@ -200,7 +238,8 @@ class WhisperIdentifier(LanguageIdentifier):
         super().__init__(None, self.whisper.metadata(window_seconds or DEFAULT_WINDOW_SECONDS),
                          torch.device(self.whisper.device))
 
-    def logprobs(self, specs: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    def logprobs(self, specs: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
+        batch_size = batch_size or self.default_batch_size
         out = [self.whisper.language_probs(specs[i:i + batch_size]) for i in range(0, len(specs), batch_size)]
         if not out:
             return np.zeros((0, len(self.labels)), np.float32)
