@@ -20,6 +20,7 @@ def _add_ray_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start Ray embedded)")
     g.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: all)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--verbose", action="store_true", help="also Ray's own log lines and warnings")
 
 
 def _add_answer_flags(p: argparse.ArgumentParser) -> None:
@@ -42,6 +43,17 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
 
 MODEL_HELP = ("model folder written by train, or whisper:<size> (tiny, base, small, ...) or whisper:/path/to/folder "
               "for Whisper's own language detection")
+
+
+BACKEND_HELP = ("how a trained model runs: onnx (ONNX Runtime, faster on CPU; model.onnx is exported beside the "
+                "weights, or into the cache, on first use) or torch (PyTorch, the reference); Whisper models run on "
+                "CTranslate2 either way (default %(default)s)")
+
+
+def _add_backend_flag(p: argparse.ArgumentParser) -> None:
+    from langid.inference import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default=BACKENDS[0], help=BACKEND_HELP)
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -103,7 +115,7 @@ def _feature_config(a: argparse.Namespace) -> FeatureConfig:
 
 def cmd_preprocess(a: argparse.Namespace) -> int:
     from langid.preprocess import run_preprocess
-    from langid.runtime import init_ray, quiet_ray_data
+    from langid.runtime import init_ray
     from langid.sources import ManifestOptions
 
     from langid.uris import exists
@@ -112,8 +124,7 @@ def cmd_preprocess(a: argparse.Namespace) -> int:
     manifest = ManifestOptions(a.min_confidence, a.group_by)
     if not exists(a.input):  # before Ray starts: a typo costs no start-up
         raise FileNotFoundError(f"{a.input}: no such directory or manifest file")
-    how = init_ray(a.address, a.num_cpus)
-    quiet_ray_data()
+    how = init_ray(a.address, a.num_cpus, verbose=a.verbose)
     if not a.quiet:
         print(f"langid preprocess: {how}", file=sys.stderr)
     res = run_preprocess(a.input, a.output, cfg, a.format, a.valid_fraction, a.seed, a.png, a.batch_size,
@@ -163,7 +174,7 @@ def _three(name: str, values: list[float]) -> list[float]:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from langid.model import default_device
-    from langid.runtime import init_ray, quiet_ray_data
+    from langid.runtime import init_ray
     from langid.training import TrainConfig, default_schedule, run_lr_find, run_training
 
     epochs = [int(e) for e in _three("--epochs", a.epochs)]
@@ -177,8 +188,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                      workers=a.workers, gpu=bool(a.gpu), amp=a.amp, cpus_per_worker=a.cpus_per_worker,
                      memory_per_worker=a.memory_per_worker, seed=a.seed, spec_augment=not a.no_spec_augment,
                      max_failures=a.max_failures, shuffle_buffer=a.shuffle_buffer)
-    how = init_ray(a.address, a.num_cpus, quiet=a.quiet)
-    quiet_ray_data()
+    how = init_ray(a.address, a.num_cpus, verbose=a.verbose, dashboard=True)
     if a.lr_find:  # runs here, on this machine's device, streaming the store through Ray Data
         tc = replace(tc, gpu=default_device(a.gpu).type == "cuda")
         res = run_lr_find(tc, pretrained=not a.no_pretrained, weights_file=a.weights)
@@ -203,7 +213,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from langid.evaluation import evaluate
 
     r = evaluate(a.model, a.store, a.output, a.split, a.batch_size, progress=not a.quiet,
-                 window_seconds=a.whisper_window, languages=_languages(a.languages))
+                 window_seconds=a.whisper_window, languages=_languages(a.languages), backend=a.backend)
     low, high = r["accuracy_ci95"]
     eer = "n/a" if r["eer"] is None else f"{r['eer']:.4f}"
     print(f"{r['split']}: {r['files']} files, accuracy {r['accuracy']:.4f} (95% CI {low:.3f}-{high:.3f}), "
@@ -214,22 +224,21 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_label(a: argparse.Namespace) -> int:
     from langid.inference import check_languages, describe_model
-    from langid.labeling import LabelOptions, run_label
-    from langid.runtime import init_ray, quiet_ray_data
+    from langid.labeling import LabelJob, LabelOptions, label
+    from langid.runtime import init_ray
 
     check_languages(_languages(a.languages), describe_model(a.model, a.whisper_window)["labels"])  # before Ray starts
     opts = LabelOptions(languages=_languages(a.languages), min_confidence=a.min_confidence, top_k=a.top_k,
-                        overlap=a.overlap, probabilities=a.probabilities or bool(a.parquet), max_seconds=a.max_seconds,
+                        overlap=a.overlap, probabilities=a.probabilities, max_seconds=a.max_seconds,
                         window_seconds=a.whisper_window, switch_penalty=a.switch_penalty)
-    how = init_ray(a.address, a.num_cpus)
-    quiet_ray_data()
-    if not a.quiet:
+    job = LabelJob(a.model, a.input, a.output, opts, segments=a.segments, parquet=a.parquet, all_files=a.all_files,
+                   backend=a.backend, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
+                   gpus_per_actor=a.gpus_per_actor, memory_per_actor=a.memory_per_actor,
+                   cpus_per_task=a.cpus_per_task, batch_size=a.batch_size, progress=not a.quiet)
+    how = init_ray(a.address, a.num_cpus, verbose=a.verbose)
+    if a.verbose:
         print(f"langid label: {how}", file=sys.stderr)
-    res = run_label(a.model, a.input, a.output, opts, segments=a.segments, parquet=a.parquet, all_files=a.all_files,
-                    actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
-                    memory_per_actor=a.memory_per_actor, cpus_per_task=a.cpus_per_task,
-                    batch_size=a.batch_size, progress=not a.quiet)
-    print(res.summary())
+    print(label(job).summary())
     return 0
 
 
@@ -242,7 +251,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     from langid.inference import load_model
 
-    ident = load_model(a.model, a.device, window_seconds=a.whisper_window)
+    ident = load_model(a.model, a.device, window_seconds=a.whisper_window, backend=a.backend)
     preds = ident.predict_many(a.files, languages=_languages(a.languages), min_confidence=a.min_confidence,
                                top_k=a.top_k, switch_penalty=a.switch_penalty)
     if a.json:
@@ -330,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for report.md, metrics.json and the figures")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="(default %(default)s)")
     p.add_argument("--languages", help="score answers among these only, e.g. en,de,es (as label --languages)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="windows per forward pass (default: the backend's)")
+    _add_backend_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
@@ -357,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-task", type=float, default=1.0,
                    help="CPUs per decoding task (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="files per inference batch (default %(default)s)")
+    _add_backend_flag(p)
     _add_ray_flags(p)
     p.set_defaults(func=cmd_label)
 
@@ -366,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     _add_answer_flags(p)
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    _add_backend_flag(p)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_predict)
     return parser

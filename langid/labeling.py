@@ -8,13 +8,15 @@ resumes from the partial file and labels only what is missing.
 from __future__ import annotations
 
 import csv
+import glob
 import io
-import json
 import math
 import os
 import re
 import shutil
 import time
+import uuid
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
@@ -23,6 +25,7 @@ import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
 from langid.inputs import MEMBER_SEP, Item, iter_archive
+from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.timeline import SWITCH_PENALTY, check_switch_penalty, merge_segments  # merge_segments: callers import it from here too
 from langid.uris import exists, is_uri, open_input, put_file, staging_path
 
@@ -76,33 +79,68 @@ def from_wire(text: Optional[str]) -> Optional[str]:
     return None if text is None else _ESCAPED.sub(lambda m: chr(0xDC00 + ord(m.group(1))), text)
 
 
-# ---------- pipeline stages (run in Ray tasks and actors) ----------
+# ---------- pipeline stages (run in Ray tasks and actors; pyarrow batches in and out) ----------
+# Every stage takes and returns Arrow columns: a file's windows travel as one flat float32 list (a zero-copy
+# numpy view at the other end), its answers as typed columns; nothing is turned into JSON or Python rows.
 
-def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seconds: float) -> pa.Table:
-    """Decode + windows + log-mel for a batch of inputs; a failure becomes that row's error."""
+def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seconds: float,
+                    attempts: Attempts) -> pa.Table:
+    """Decode + windows + features for a batch of inputs; a failure becomes that file's error, and so does a
+    file whose decoding has killed its process too often."""
     from langid.config import FeatureConfig
     from langid.features import window_features
 
     cfg = FeatureConfig.from_dict(cfg_dict)
     hop = cfg.window_seconds * hop_factor
-    out = []
-    for row in batch.to_pylist():
-        rec = {"key": row["key"], "error": row.get("error"), "duration": 0.0, "n_windows": 0, "specs": b"",
-               "starts": [], "speech": []}
-        if rec["error"] is None:
+    keys, errors = batch.column("key").to_pylist(), batch.column("error").to_pylist()
+    paths, datas = batch.column("path"), batch.column("data")
+    durations, specs, starts, speech = [], [], [], []
+    for i, key in enumerate(keys):
+        features = None
+        if errors[i] is None and not attempts.admit(key):
+            errors[i] = PROCESS_DIED
+        elif errors[i] is None:
             try:
-                source = row["data"] if row.get("data") is not None else _openable(from_wire(row["path"]))
+                data = datas[i].as_py()
+                source = data if data is not None else _openable(from_wire(paths[i].as_py()))
+                crash_hook(key)
                 audio = load_audio(source, cfg.sample_rate, max_seconds=max_seconds)
                 # float32 as in the API, so the job gives exactly the API's answers
-                specs, starts, speech = window_features(audio.samples, cfg, hop)
-                rec.update(duration=audio.duration, n_windows=len(specs), specs=specs.tobytes(),
-                           starts=starts.tolist(), speech=speech.tolist())
+                features = window_features(audio.samples, cfg, hop)
             except AudioError as e:
-                rec["error"] = to_wire(str(e))  # libsndfile's message may quote the path
+                errors[i] = to_wire(str(e))  # libsndfile's message may quote the path
             except MemoryError:
-                rec["error"] = "too large to decode in memory"
-        out.append(rec)
-    return pa.Table.from_pylist(out, schema=FEATURE_SCHEMA)
+                errors[i] = "too large to decode in memory"
+            except Exception as e:  # a bug costs the file's row, with its reason, and nothing more
+                errors[i] = to_wire(f"cannot decode: {type(e).__name__}: {e}")
+            attempts.done(key)
+        durations.append(audio.duration if features is not None else 0.0)
+        f = features or (np.zeros((0, *cfg.shape), np.float32), np.zeros(0), np.zeros(0, bool))
+        specs.append(f[0].reshape(len(f[0]), int(np.prod(cfg.shape))))
+        starts.append(np.asarray(f[1], np.float64))
+        speech.append(np.asarray(f[2], bool))
+    counts = np.array([len(s) for s in specs], np.int32)
+    width = int(np.prod(cfg.shape))
+    specs, starts, speech = (np.zeros((0, width), np.float32), *specs), (np.zeros(0), *starts), (np.zeros(0, bool), *speech)
+    return pa.table({
+        "key": pa.array(keys, pa.string()), "error": pa.array(errors, pa.string()),
+        "duration": pa.array(durations, pa.float64()), "n_windows": pa.array(counts),
+        "specs": _lists(np.concatenate(specs).ravel(), counts * width),
+        "starts": _lists(np.concatenate(starts), counts), "speech": _lists(np.concatenate(speech), counts),
+    }, schema=FEATURE_SCHEMA)
+
+
+def _lists(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """One Arrow list per row from the rows' values laid end to end (no per-row conversion)."""
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def _flat(column) -> np.ndarray:
+    """The values of a list column laid end to end, as numpy."""
+    import pyarrow.compute as pc
+
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False)
 
 
 def _openable(path: str):
@@ -119,58 +157,82 @@ def _openable(path: str):
 
 FEATURE_SCHEMA = pa.schema([
     ("key", pa.string()), ("error", pa.string()), ("duration", pa.float64()), ("n_windows", pa.int32()),
-    ("specs", pa.large_binary()), ("starts", pa.list_(pa.float64())), ("speech", pa.list_(pa.bool_())),
+    ("specs", pa.list_(pa.float32())), ("starts", pa.list_(pa.float64())), ("speech", pa.list_(pa.bool_())),
 ])
+SEGMENT_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("language", pa.string()),
+                          ("confidence", pa.float64())])
+
+
+def result_schema(n_labels: int) -> pa.Schema:
+    """The answers' columns: the CSV's, the probability of every language the model knows (NaN for one not
+    among the candidates) and the file's timeline."""
+    return pa.schema([
+        ("path", pa.string()), ("language", pa.string()), ("confidence", pa.float64()),
+        ("top_languages", pa.string()), ("duration", pa.float64()), ("windows", pa.int32()),
+        ("windows_used", pa.int32()), ("status", pa.string()), ("error", pa.string()),
+        ("probabilities", pa.list_(pa.float64(), n_labels)), ("segments", pa.list_(SEGMENT_TYPE)),
+    ])
 
 
 class Predictor:
     """Actor: loads the model once, then labels batches of featurized files with one batched forward."""
 
-    def __init__(self, model_dir: str, opts: LabelOptions, threads: int = 1):
+    def __init__(self, model_dir: str, opts: LabelOptions, threads: int = 1, backend: str = "onnx"):
         import torch
 
         from langid.inference import load_model
 
         torch.set_num_threads(max(1, threads))
-        self.ident = load_model(model_dir, window_seconds=opts.window_seconds, threads=max(1, threads))
+        self.ident = load_model(model_dir, window_seconds=opts.window_seconds, threads=max(1, threads),
+                                backend=backend)
         self.opts = opts
+        self.schema = result_schema(len(self.ident.labels))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ident, o = self.ident, self.opts
-        shape = ident.cfg.shape
-        rows = batch.to_pylist()
-        ok = [r for r in rows if r["error"] is None]
-        specs = [np.frombuffer(r["specs"], np.float32).reshape(-1, *shape) for r in ok]
-        lp = ident.logprobs(np.concatenate(specs)) if specs else None
-        out, offset = [], 0
-        results = {}
-        for r, s in zip(ok, specs):
-            pred = ident.decide(r["key"], lp[offset:offset + len(s)], np.array(r["starts"]), np.array(r["speech"]),
-                                r["duration"], o.languages, o.min_confidence, o.top_k, o.switch_penalty)
-            offset += len(s)
-            results[r["key"]] = pred
-        for r in rows:
-            pred = results.get(r["key"])
+        keys, errors = batch.column("key").to_pylist(), batch.column("error").to_pylist()
+        durations = batch.column("duration").to_numpy()
+        ends = np.cumsum(batch.column("n_windows").to_numpy(), dtype=np.int64)
+        specs = _flat(batch.column("specs")).reshape(-1, *ident.cfg.shape)
+        starts, speech = _flat(batch.column("starts")), _flat(batch.column("speech"))
+        try:
+            lp = ident.logprobs(specs) if len(specs) else None
+        except Exception as e:  # an error row with the reason, not a lost batch that passes for a dead process
+            errors = [err or f"cannot label: {type(e).__name__}: {e}" for err in errors]
+        n_labels = len(ident.labels)
+        cols = {name: [] for name in self.schema.names if name not in ("probabilities", "segments")}
+        probs = np.full((len(keys), n_labels), np.nan)
+        seg_counts, seg_rows = np.zeros(len(keys), np.int32), []
+        for i, key in enumerate(keys):
+            a, b = (ends[i - 1] if i else 0), ends[i]
+            pred = None
+            if errors[i] is None:
+                try:
+                    pred = ident.decide(key, lp[a:b], starts[a:b], speech[a:b], float(durations[i]), o.languages,
+                                        o.min_confidence, o.top_k, o.switch_penalty)
+                except Exception as e:
+                    errors[i] = to_wire(f"cannot label: {type(e).__name__}: {e}")
             if pred is None:
-                out.append({"path": r["key"], "language": "", "confidence": None, "top_languages": "",
-                            "duration": None, "windows": 0, "windows_used": 0, "status": "error",
-                            "error": r["error"], "probabilities": "", "segments": ""})
-                continue
-            out.append({
-                "path": r["key"], "language": pred.language, "confidence": round(pred.confidence, 6),
-                "top_languages": " ".join(f"{lang}:{p:.4f}" for lang, p in pred.top),
-                "duration": round(pred.duration, 3), "windows": pred.windows, "windows_used": pred.windows_used,
-                "status": "ok", "error": pred.error, "probabilities": json.dumps(pred.probabilities),
-                "segments": json.dumps([[s.start, s.end, s.language, s.confidence] for s in merge_segments(pred.segments)]),
-            })
-        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
-
-
-RESULT_SCHEMA = pa.schema([
-    ("path", pa.string()), ("language", pa.string()), ("confidence", pa.float64()), ("top_languages", pa.string()),
-    ("duration", pa.float64()), ("windows", pa.int32()), ("windows_used", pa.int32()), ("status", pa.string()),
-    ("error", pa.string()), ("probabilities", pa.string()), ("segments", pa.string()),
-])
+                values = ("", None, "", None, 0, 0, "error", errors[i])
+            else:
+                values = (pred.language, round(pred.confidence, 6),
+                          " ".join(f"{lang}:{p:.4f}" for lang, p in pred.top), round(pred.duration, 3),
+                          pred.windows, pred.windows_used, "ok", pred.error)
+                for lang, p in pred.probabilities.items():
+                    probs[i, ident.labels.index(lang)] = p
+                merged = merge_segments(pred.segments)
+                seg_counts[i] = len(merged)
+                seg_rows += [(s.start, s.end, s.language, s.confidence) for s in merged]
+            cols["path"].append(key)
+            for name, value in zip(BASE_COLUMNS[1:], values):
+                cols[name].append(value)
+        segments = pa.StructArray.from_arrays(
+            [pa.array([r[k] for r in seg_rows], t.type) for k, t in enumerate(SEGMENT_TYPE)], fields=list(SEGMENT_TYPE))
+        offsets = np.concatenate([[0], np.cumsum(seg_counts)]).astype(np.int32)
+        arrays = {name: pa.array(values, self.schema.field(name).type) for name, values in cols.items()}
+        arrays["probabilities"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel()), n_labels)
+        arrays["segments"] = pa.ListArray.from_arrays(pa.array(offsets), segments)
+        return pa.table(arrays, schema=self.schema)
 
 
 def read_items(batch: pa.Table, all_files: bool, skip: frozenset):
@@ -180,7 +242,7 @@ def read_items(batch: pa.Table, all_files: bool, skip: frozenset):
     (`cwd` of the unit), since a Ray worker's own working directory is the cluster's, not the driver's.
     """
     rows = []
-    for unit in batch.to_pylist():
+    for unit in batch.to_pylist():  # one unit: a few paths or one archive
         base = from_wire(unit["cwd"])
         if unit["archive"]:
             spec = from_wire(unit["spec"])
@@ -253,7 +315,7 @@ def _check_header(path: str, columns: list[str]) -> None:
 
 
 def _rewrite(path: str, columns: list[str], rows: list) -> None:
-    tmp = path + ".tmp"
+    tmp = hidden_temp(path)
     with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(columns)
@@ -308,143 +370,260 @@ def true_language(key: str, labels: Sequence[str]) -> Optional[str]:
         return next((p for p in reversed(parts) if p in labels), None)
 
 
+@dataclass
+class LabelJob:
+    """One labeling run: what to label, where the answers go, how to answer, and the resources to use."""
+
+    model: str
+    input: str
+    output: str  # the CSV; the Python API also takes a URI (written locally, then copied)
+    options: LabelOptions = field(default_factory=LabelOptions)
+    segments: Optional[str] = None  # a timeline CSV beside it
+    parquet: Optional[str] = None  # the CSV again as typed Parquet
+    all_files: bool = False  # every file, not only audio extensions
+    backend: str = "onnx"  # trained models: ONNX Runtime, or "torch" (the reference)
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    memory_per_actor: int = 0
+    cpus_per_task: float = 1.0  # per decoding task
+    batch_size: int = 16  # files per inference batch
+    progress: bool = True
+
+
 def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions = LabelOptions(),
-              segments: Optional[str] = None, parquet: Optional[str] = None, all_files: bool = False,
-              actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, batch_size: int = 16,
-              progress: bool = True, memory_per_actor: int = 0, cpus_per_task: float = 1.0) -> LabelResult:
+              **job) -> LabelResult:
     """Label every input file into `output` (CSV), resuming from `<output>.partial`; Ray must be initialised.
-
-    Outputs at URIs are written in a local staging folder (where a rerun finds them) and copied when complete.
-    """
-    targets = [output, segments, parquet]
-    output, segments, parquet = (_staged(x) for x in targets)
-    if is_uri(targets[0]) and exists(targets[0]) and not os.path.exists(output + PARTIAL):
-        _download(targets[0], output)  # a finished run being extended, as for a local CSV
-    result = _run_label(model_dir, input_spec, output, opts, segments, parquet, all_files, actors, cpus_per_actor,
-                        gpus_per_actor, batch_size, progress, memory_per_actor, cpus_per_task)
-    for local, target in zip((output, segments, parquet), targets):
-        if target and is_uri(target):
-            put_file(local, target)
-            os.remove(local)
-    result.output = targets[0]
-    return result
+    `job` takes the other fields of LabelJob (segments, parquet, actors, batch_size, progress, ...)."""
+    return label(LabelJob(model_dir, input_spec, output, opts, **job))
 
 
-def _staged(location: Optional[str]) -> Optional[str]:
-    return staging_path(location, os.path.basename(location)) if location and is_uri(location) else location
-
-
-def _download(uri: str, local: str) -> None:
-    with open_input(uri) as src, open(local + ".download", "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(local + ".download", local)
-
-
-def _run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions, segments: Optional[str],
-               parquet: Optional[str], all_files: bool, actors: int, cpus_per_actor: float, gpus_per_actor: float,
-               batch_size: int, progress: bool, memory_per_actor: int, cpus_per_task: float) -> LabelResult:
-    import ray
+def label(job: LabelJob) -> LabelResult:
+    """The job's steps: check the model, resume the outputs, plan the inputs, stream them through the pipeline,
+    narrow down the files whose process died, publish the finished files."""
     from tqdm.auto import tqdm
 
     from langid.inference import check_languages, describe_model  # here: decode tasks need no torch
-    from langid.inputs import is_archive, list_inputs
-    from langid.whisper import absolute_model
 
     t0 = time.perf_counter()
-    meta = describe_model(model_dir, opts.window_seconds)
-    labels = meta["labels"]
-
-    check_languages(opts.languages, labels)
-    if parquet and not opts.probabilities:  # the Parquet output carries the full probability vector
-        opts = replace(opts, probabilities=True)
-    columns = csv_columns(labels, opts)
-    partial = output + PARTIAL
-    if os.path.exists(output) and not os.path.exists(partial):
-        _check_header(output, columns)  # other flags: refused while the finished CSV is still under its name
-        os.replace(output, partial)  # a finished run being extended: new files are appended, then renamed back
-    done = recover_partial(partial, columns)
-    seg_partial = segments + PARTIAL if segments else None
-    if segments:
-        if os.path.exists(segments) and not os.path.exists(seg_partial):
-            os.replace(segments, seg_partial)
-        filter_segments(seg_partial, done)
-    if not os.path.exists(partial):
-        _rewrite(partial, columns, [])
-    paths, kind = list_inputs(input_spec, all_files)
-    units = []
-    cwd = os.getcwd()  # relative inputs and the model are resolved here, not in the workers' own directory
-    plain = [p for p in paths if not (kind != "directory" and is_archive(p)) and p not in done]
-    # small units: each is one block all the way through, so decoding runs in parallel tasks and rows reach
-    # the partial file (and survive a crash) a few at a time instead of all at the end
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    chunk = max(1, min(UNIT_FILES, math.ceil(len(plain) / (4 * cpus))))
-    for i in range(0, len(plain), chunk):
-        units.append({"archive": False, "spec": "", "paths": [to_wire(p) for p in plain[i:i + chunk]],
-                      "cwd": to_wire(cwd)})
-    for p in paths:
-        if kind != "directory" and is_archive(p):
-            units.append({"archive": True, "spec": to_wire(p), "paths": [], "cwd": to_wire(cwd)})
-    result = LabelResult(output=output, resumed=len(done))
-    # actors hold their CPUs for the whole job: on a Ray with no CPU left over for one decoding task (e.g.
-    # --num-cpus 1) decoding would never be scheduled and the job would wait forever, so the actors then
-    # reserve only what decoding leaves (a cluster still at 0 CPUs is left to its autoscaler)
-    total_cpus = ray.cluster_resources().get("CPU", 0)
-    actor_cpus = cpus_per_actor
-    if 1 <= total_cpus < actors * cpus_per_actor + cpus_per_task:
-        actor_cpus = max(0.0, (total_cpus - cpus_per_task) / actors)
-    if units:
-        cfg = meta["feature_config"]
-        ds = ray.data.from_items(units, override_num_blocks=len(units))
-        # an archive is one unit: its members (bytes) leave the reading task in blocks of this size rather
-        # than Ray Data's default 128 MiB, which would hold back and serialise hundreds of files at a time
-        ds.context.target_max_block_size = ARCHIVE_BLOCK_BYTES
-        ds = ds.map_batches(read_items, fn_args=(all_files, frozenset(done)), batch_size=1,
-                            batch_format="pyarrow", num_cpus=0.25)
-        # a remote-args function keeps Ray Data from fusing decoding into the model actors: decoding stays in
-        # parallel tasks on every free CPU while the actors only run the network
-        ds = ds.map_batches(featurize_batch, fn_args=(cfg.to_dict(), opts.hop_seconds_factor, opts.max_seconds),
-                            batch_size=4, batch_format="pyarrow", ray_remote_args_fn=lambda: {"num_cpus": cpus_per_task})
-        ds = ds.map_batches(Predictor,  # the actors open the model from the cluster's working directory
-                            fn_constructor_args=(absolute_model(model_dir), opts, int(max(1, cpus_per_actor))),
-                            batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_cpus=actor_cpus, num_gpus=gpus_per_actor,
-                            **({"memory": memory_per_actor} if memory_per_actor else {}))
-        bar = tqdm(desc="label", unit="file", disable=not progress)
-        with open(partial, "a", newline="", encoding="utf-8", errors="surrogateescape") as f, \
-                (open(seg_partial, "a", newline="", encoding="utf-8", errors="surrogateescape")
-                 if seg_partial else open(os.devnull, "w")) as sf:
-            w, sw = csv.writer(f), csv.writer(sf)
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                for row in batch.to_pylist():
-                    row["path"], row["error"] = from_wire(row["path"]), from_wire(row["error"])
-                    if row["path"] in done:
-                        continue
-                    done.add(row["path"])
-                    if seg_partial and row["segments"]:
-                        for start, end, lang, conf in json.loads(row["segments"]):
-                            sw.writerow([row["path"], round(start, 3), round(end, 3), lang, round(conf, 6)])
-                        sf.flush()
-                    w.writerow(_csv_row(row, labels, opts))
-                    result.labelled += 1
-                f.flush()
-                bar.update(batch.num_rows)
-        bar.close()
-    if seg_partial:
-        os.replace(seg_partial, segments)
-    os.replace(partial, output)
-    _summarise(output, labels, result)
-    if parquet:
-        write_parquet(output, parquet)
+    meta = describe_model(job.model, job.options.window_seconds)
+    check_languages(job.options.languages, meta["labels"])
+    if job.parquet and not job.options.probabilities:  # the Parquet output carries the full probability vector
+        job = replace(job, options=replace(job.options, probabilities=True))
+    local = _staged(job)
+    out = Outputs(local, meta["labels"])
+    plan = Plan.of(local, out.done)
+    result = LabelResult(output=job.output, resumed=len(out.done))
+    if plan.units:
+        with out.appending(), tqdm(desc="label", unit="file", total=plan.total, disable=not job.progress) as bar:
+            _stream(local, meta, plan.units, out, bar)
+        result.labelled = out.labelled
+    out.publish()
+    _summarise(local.output, meta["labels"], result)
+    if local.parquet:
+        write_parquet(local.output, local.parquet)
+    _upload(job, local)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _csv_row(row: dict, labels: Sequence[str], opts: LabelOptions) -> list:
-    values = [row[c] if row[c] is not None else "" for c in BASE_COLUMNS]
+def _staged(job: LabelJob) -> LabelJob:
+    """The job with its URI outputs replaced by local staging files (where a rerun finds them)."""
+    local = {name: staging_path(getattr(job, name), os.path.basename(getattr(job, name)))
+             for name in ("output", "segments", "parquet") if getattr(job, name) and is_uri(getattr(job, name))}
+    if "output" in local and exists(job.output) and not os.path.exists(local["output"] + PARTIAL):
+        _download(job.output, local["output"])  # a finished run being extended, as for a local CSV
+    return replace(job, **local)
+
+
+def _upload(job: LabelJob, local: LabelJob) -> None:
+    for name in ("output", "segments", "parquet"):
+        target = getattr(job, name)
+        if target and is_uri(target):
+            put_file(getattr(local, name), target)
+            os.remove(getattr(local, name))
+
+
+def _download(uri: str, local: str) -> None:
+    tmp = hidden_temp(local)
+    with open_input(uri) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(tmp, local)
+
+
+def hidden_temp(path: str) -> str:
+    """A hidden temporary name beside `path`, unique to this writer; `remove_leftovers` finds it again."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def remove_leftovers(path: str) -> list[str]:
+    """Delete the hidden temporary files a killed writer of `path` left beside it; returns what went."""
+    folder, name = os.path.split(path)
+    gone = []
+    for leftover in glob.glob(os.path.join(glob.escape(folder or "."), glob.escape(f".{name}.") + "*.tmp")):
+        try:
+            os.remove(leftover)
+            gone.append(leftover)
+        except FileNotFoundError:
+            pass
+    return gone
+
+
+class Outputs:
+    """The CSV (and timeline) of a run: resumed from the partial files, appended a batch at a time, published by
+    renaming when every input has its row."""
+
+    def __init__(self, job: LabelJob, labels: Sequence[str]):
+        self.job, self.labels = job, labels
+        self.columns = csv_columns(labels, job.options)
+        self.partial = job.output + PARTIAL
+        self.seg_partial = job.segments + PARTIAL if job.segments else None
+        for target in (job.output, self.partial, job.segments, self.seg_partial, job.parquet):
+            if target:
+                remove_leftovers(target)
+        if os.path.exists(job.output) and not os.path.exists(self.partial):
+            _check_header(job.output, self.columns)  # other flags: refused while the finished CSV is in place
+            os.replace(job.output, self.partial)  # a finished run being extended: appended, then renamed back
+        self.done = recover_partial(self.partial, self.columns)
+        if self.seg_partial:
+            if os.path.exists(job.segments) and not os.path.exists(self.seg_partial):
+                os.replace(job.segments, self.seg_partial)
+            filter_segments(self.seg_partial, self.done)
+        if not os.path.exists(self.partial):
+            _rewrite(self.partial, self.columns, [])
+        self.labelled = 0
+        self._files = None
+
+    @contextmanager
+    def appending(self):
+        def open_csv(path):
+            return open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
+
+        with open_csv(self.partial) as f, (open_csv(self.seg_partial) if self.seg_partial else nullcontext()) as sf:
+            self._files = (f, csv.writer(f), sf, csv.writer(sf) if sf else None)
+            try:
+                yield self
+            finally:
+                self._files = None
+
+    def write(self, batch: pa.Table) -> int:
+        """Append a batch of answers (a file already written is not written again); returns the new rows."""
+        f, w, sf, sw = self._files
+        rows, segments = answer_rows(batch, self.job.options), segment_rows(batch) if sw else {}
+        fresh = [r for r in rows if r[0] not in self.done]
+        self.done.update(r[0] for r in fresh)
+        if sw:  # a file's timeline before its label row: a crash in between leaves segments the resume drops
+            sw.writerows(s for r in fresh for s in segments.get(r[0], ()))
+            sf.flush()
+        w.writerows(fresh)
+        f.flush()
+        self.labelled += len(fresh)
+        return len(fresh)
+
+    def publish(self) -> None:
+        if self.seg_partial:
+            os.replace(self.seg_partial, self.job.segments)
+        os.replace(self.partial, self.job.output)
+
+
+def answer_rows(batch: pa.Table, opts: LabelOptions) -> list[list]:
+    """CSV rows of a batch of answers (result_schema), column by column."""
+    cols = [batch.column(c).to_pylist() for c in BASE_COLUMNS]
+    cols[0] = [from_wire(p) for p in cols[0]]
+    cols[-1] = [from_wire(e) for e in cols[-1]]
+    rows = [["" if v is None else v for v in row] for row in zip(*cols)]
     if opts.probabilities:
-        probs = json.loads(row["probabilities"]) if row["probabilities"] else {}
-        values += [f"{probs[x]:.6f}" if x in probs else "" for x in labels]
-    return values
+        probs = _flat(batch.column("probabilities")).reshape(batch.num_rows, -1)
+        for row, p in zip(rows, probs):
+            row += ["" if np.isnan(x) else f"{x:.6f}" for x in p]
+    return rows
+
+
+def segment_rows(batch: pa.Table) -> dict:
+    """{path: timeline CSV rows} of a batch of answers."""
+    import pyarrow.compute as pc
+
+    counts = pc.list_value_length(batch.column("segments")).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(batch.column("segments"))
+    fields = [pc.struct_field(flat, name).to_pylist() for name in ("start", "end", "language", "confidence")]
+    out, pos = {}, 0
+    for path, n in zip(batch.column("path").to_pylist(), counts):
+        out[from_wire(path)] = [[from_wire(path), round(s, 3), round(e, 3), lang, round(c, 6)]
+                                for s, e, lang, c in zip(*(f[pos:pos + n] for f in fields))]
+        pos += n
+    return out
+
+
+@dataclass
+class Plan:
+    """The inputs still to label, as units for the reading stage: a few paths, or one archive."""
+
+    units: list
+    total: Optional[int]  # files to label, when known before reading archives
+
+    @classmethod
+    def of(cls, job: LabelJob, done: set) -> "Plan":
+        import ray
+
+        from langid.inputs import is_archive, list_inputs
+
+        found, kind = list_inputs(job.input, job.all_files)
+        archives = [p for p in found if kind != "directory" and is_archive(p)]
+        plain = [p for p in found if p not in done and p not in set(archives)]
+        # small units: each is one block all the way through, so decoding runs in parallel tasks and rows reach
+        # the partial file (and survive a crash) a few at a time instead of all at the end
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        chunk = max(1, min(UNIT_FILES, math.ceil(len(plain) / (4 * cpus))))
+        cwd = to_wire(os.getcwd())  # relative inputs are opened from the driver's directory, not the workers'
+        units = [{"archive": False, "spec": "", "paths": [to_wire(p) for p in plain[i:i + chunk]], "cwd": cwd}
+                 for i in range(0, len(plain), chunk)]
+        units += [{"archive": True, "spec": to_wire(a), "paths": [], "cwd": cwd} for a in archives]
+        return cls(units, None if archives else len(plain))
+
+
+def _stream(job: LabelJob, meta: dict, units: list, out: Outputs, bar) -> None:
+    """Run units through read -> featurize -> Predictor and append the answers as they arrive."""
+    import ray
+
+    from langid.whisper import absolute_model
+
+    opts = job.options
+    # actors hold their CPUs for the whole job: on a Ray with no CPU left over for one decoding task (e.g.
+    # --num-cpus 1) decoding would never be scheduled and the job would wait forever, so the actors then
+    # reserve only what decoding leaves (a cluster still at 0 CPUs is left to its autoscaler)
+    total_cpus = ray.cluster_resources().get("CPU", 0)
+    actor_cpus = job.cpus_per_actor
+    if 1 <= total_cpus < job.actors * job.cpus_per_actor + job.cpus_per_task:
+        actor_cpus = max(0.0, (total_cpus - job.cpus_per_task) / job.actors)
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    # an archive is one unit: its members (bytes) leave the reading task in blocks of this size rather
+    # than Ray Data's default 128 MiB, which would hold back and serialise hundreds of files at a time
+    ds.context.target_max_block_size = ARCHIVE_BLOCK_BYTES
+    ds = ds.map_batches(read_items, fn_args=(job.all_files, frozenset(out.done)), batch_size=1,
+                        batch_format="pyarrow", num_cpus=0.25)
+    # decoding reserves its memory, which also keeps Ray Data from fusing it into the model actors (whose
+    # resources differ): it stays in parallel tasks on every free CPU while the actors only run the network
+    cfg = meta["feature_config"]
+    ds = ds.map_batches(featurize_batch, fn_args=(cfg.to_dict(), opts.hop_seconds_factor, opts.max_seconds, Attempts()),
+                        batch_size=4, batch_format="pyarrow", num_cpus=job.cpus_per_task,
+                        memory=_decode_memory(job))
+    ds = ds.map_batches(Predictor,  # the actors open the model from the cluster's working directory
+                        fn_constructor_args=(absolute_model(job.model), opts, int(max(1, job.cpus_per_actor)),
+                                             job.backend),
+                        batch_size=job.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=job.actors), num_cpus=actor_cpus,
+                        num_gpus=job.gpus_per_actor, **({"memory": job.memory_per_actor} if job.memory_per_actor else {}))
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        bar.update(out.write(batch))
+
+
+DECODE_MEMORY = 256 << 20  # a decoding task's reservation: a batch of files of several minutes and their windows
+
+
+def _decode_memory(job: LabelJob) -> int:
+    """The decoding tasks' memory, never the same as the actors' (equal resources would fuse the two stages)."""
+    return DECODE_MEMORY + (job.memory_per_actor == DECODE_MEMORY)
 
 
 def _summarise(output: str, labels: Sequence[str], result: LabelResult) -> None:
@@ -481,6 +660,6 @@ def write_parquet(csv_path: str, parquet_path: str) -> None:
         except pa.ArrowInvalid:
             text = pa.array([b.decode("utf-8", "backslashreplace") for b in column.to_pylist()], pa.string())
         table = table.set_column(table.schema.get_field_index(name), name, text)
-    tmp = parquet_path + ".tmp"
+    tmp = hidden_temp(parquet_path)
     pq.write_table(table, tmp)
     os.replace(tmp, parquet_path)

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
 import langid
 from conftest import REPO, TONE_CFG as CFG, kaggle_name, voice, write_wav
-from langid.labeling import BASE_COLUMNS, PARTIAL, LabelOptions, _csv_row, csv_columns, run_label, write_parquet
+from langid.labeling import (BASE_COLUMNS, PARTIAL, LabelOptions, answer_rows, csv_columns, result_schema,
+                             run_label, write_parquet)
 
 RATE = CFG.sample_rate
 RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING)\s")
@@ -501,6 +503,76 @@ def test_resume_after_kill(model_dir, tmp_path):
     assert not partial.exists()
 
 
+def test_leftover_temporaries_of_a_killed_run_are_removed(model_dir, tmp_path):
+    """A writer killed between writing its hidden temporary file and renaming it leaves the file behind; the
+    next run of the same job removes it, and touches nobody else's hidden files."""
+    _corpus(tmp_path / "in", 2, 1.0)
+    out = tmp_path / "labels.csv"
+    leftovers = [tmp_path / ".labels.csv.partial.4242-0badf00d.tmp", tmp_path / ".labels.csv.17-cafe.tmp",
+                 tmp_path / ".segments.csv.partial.9-beef.tmp", tmp_path / ".labels.parquet.5-feed.tmp"]
+    others = [tmp_path / ".notes.tmp", tmp_path / ".labels.csv.backup"]
+    for f in leftovers + others:
+        f.write_text("half-written")
+    res = label(model_dir, tmp_path / "in", out, segments=str(tmp_path / "segments.csv"),
+                parquet=str(tmp_path / "labels.parquet"))
+    assert (res.total, res.errors) == (2, 0)
+    assert [f for f in leftovers if f.exists()] == []
+    assert all(f.read_text() == "half-written" for f in others)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(f.name for f in others)
+
+
+def test_stages_pass_columns_not_rows_or_json(model_dir, tmp_path, monkeypatch):
+    """Decoded windows travel as one flat float32 list per file, answers as typed columns (probabilities a
+    fixed-size list, the timeline a list of structs), and the driver receives exactly these batches; no stage and
+    no CSV writing goes through JSON."""
+    import langid.labeling as labeling
+    from langid.audio import load_audio
+    from langid.inference import describe_model, load_model
+    from langid.timeline import merge_segments
+    from langid.poison import Attempts
+
+    paths = _corpus(tmp_path / "in", 3, 2.5)
+    (tmp_path / "in" / "empty.wav").write_bytes(b"")
+    meta = describe_model(str(model_dir))
+    items = pa.Table.from_pylist([{"key": p, "path": p, "data": None, "error": None}
+                                  for p in paths + [str(tmp_path / "in" / "empty.wav")]], schema=labeling.ITEM_SCHEMA)
+    opts = LabelOptions(probabilities=True)
+
+    def no_json(*args, **kwargs):
+        raise AssertionError("JSON on the labeling path")
+
+    # made before the ban: the model's metadata is JSON, and so is Ray's record of a new actor class
+    predictor, attempts = labeling.Predictor(str(model_dir), opts), Attempts()
+    with monkeypatch.context() as m:
+        m.setattr(json, "dumps", no_json)
+        m.setattr(json, "loads", no_json)
+        feats = labeling.featurize_batch(items, meta["feature_config"].to_dict(), 1.0, 3600.0, attempts)
+        answers = predictor(feats)
+        rows = labeling.answer_rows(answers, opts)
+        timeline = labeling.segment_rows(answers)
+    assert feats.schema == labeling.FEATURE_SCHEMA and feats.schema.field("specs").type == pa.list_(pa.float32())
+    ident = load_model(str(model_dir), "cpu")
+    for i, p in enumerate(paths):  # a file's windows, laid end to end: exactly the API's features
+        specs, starts, speech = ident.file_windows(load_audio(p, CFG.sample_rate).samples)
+        assert feats.column("n_windows")[i].as_py() == len(specs)
+        np.testing.assert_array_equal(feats.column("specs")[i].values.to_numpy(), specs.ravel())
+    assert feats.column("error")[3].as_py().startswith("empty file")
+    assert answers.schema == labeling.result_schema(len(meta["labels"]))
+    assert answers.schema.field("probabilities").type == pa.list_(pa.float64(), len(meta["labels"]))
+    assert answers.schema.field("segments").type == pa.list_(labeling.SEGMENT_TYPE)
+    api = ident.predict_many(paths)
+    for row, pred in zip(rows, api):
+        assert row[1] == pred.language and float(row[2]) == pytest.approx(pred.confidence, abs=1e-4)
+        assert [s[3] for s in timeline[row[0]]] == [s.language for s in merge_segments(pred.segments)]
+    assert rows[3][7:9] == ["error", "empty file (0 bytes)"]
+
+    seen = []  # the whole job: the driver's batches are the actors' columns
+    write = labeling.Outputs.write
+    monkeypatch.setattr(labeling.Outputs, "write", lambda self, batch: seen.append(batch.schema) or write(self, batch))
+    res = label(model_dir, tmp_path / "in", tmp_path / "labels.csv")
+    assert res.total == 4 and seen and all(s == labeling.result_schema(len(meta["labels"])) for s in seen)
+
+
 # ---------------------------------------------------------------- 6. API, CLI and job agree
 
 def test_api_cli_and_job_agree(model_dir, small):
@@ -566,17 +638,18 @@ def test_parquet_of_a_large_csv_with_newlines_in_names(tmp_path):
     # the newline early in most names: a block boundary then mostly falls after it inside the quoted field
     paths = [f"/d/{i}\n" + ("second line, \"quoted\" and long enough to matter " * 2 + f"{i}.wav" if i % 4 else
                             f"clip{i}.flac") for i in range(20000)]
+    answers = []
+    for i, p in enumerate(paths):
+        ok = i % 5 != 0
+        answers.append({"path": p, "language": "en" if ok else "", "confidence": 0.75 if ok else None,
+                        "top_languages": "en:0.7500 de:0.2500" if ok else "", "duration": 1.5 if ok else None,
+                        "windows": 2 * ok, "windows_used": 2 * ok, "status": "ok" if ok else "error",
+                        "error": None if ok else "empty file (0 bytes)",
+                        "probabilities": [0.25, 0.75] if ok else [float("nan")] * 2, "segments": []})
     with open(tmp_path / "labels.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(csv_columns(labels, opts))
-        for i, p in enumerate(paths):
-            ok = i % 5 != 0
-            w.writerow(_csv_row({"path": p, "language": "en" if ok else "", "confidence": 0.75 if ok else None,
-                                 "top_languages": "en:0.7500 de:0.2500" if ok else "", "duration": 1.5 if ok else None,
-                                 "windows": 2 * ok, "windows_used": 2 * ok, "status": "ok" if ok else "error",
-                                 "error": "" if ok else "empty file (0 bytes)",
-                                 "probabilities": json.dumps({"en": 0.75, "de": 0.25}) if ok else "", "segments": ""},
-                                labels, opts))
+        w.writerows(answer_rows(pa.Table.from_pylist(answers, schema=result_schema(len(labels))), opts))
     assert (tmp_path / "labels.csv").stat().st_size > 3 << 19  # 1.5 MiB
     write_parquet(str(tmp_path / "labels.csv"), str(tmp_path / "labels.parquet"))
     df = pd.read_parquet(tmp_path / "labels.parquet")

@@ -25,7 +25,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from langid.audio import AudioError, dbfs, decode, from_array, normalize
 from langid.config import FeatureConfig
 from langid.features import log_mel, window_features, window_starts, windows
-from langid.labeling import LabelOptions, _csv_row, csv_columns, from_wire, recover_partial, to_wire
+from langid.labeling import LabelOptions, answer_rows, csv_columns, recover_partial, result_schema, to_wire
 from langid.sources import KAGGLE_PATTERN, BadName, parse_kaggle_name
 
 pytestmark = pytest.mark.filterwarnings("ignore:n_fft=.* is too large")  # librosa, on signals shorter than n_fft
@@ -231,21 +231,20 @@ NAMES = st.lists(NAME_PIECE, min_size=1, max_size=3).map(b"".join).map(lambda b:
 def test_csv_rows_give_back_any_file_name(name, error, prefix):
     path = prefix + name
     labels, opts = ["de", "en"], LabelOptions(probabilities=True)
-    ok = {"path": path, "language": "en", "confidence": 0.75, "top_languages": "en:0.7500 de:0.2500",
-          "duration": 1.5, "windows": 2, "windows_used": 2, "status": "ok", "error": "",
-          "probabilities": json.dumps({"en": 0.75, "de": 0.25}), "segments": ""}
-    failed = {**ok, "path": path + ".2", "language": "", "confidence": None, "top_languages": "", "duration": None,
-              "windows": 0, "windows_used": 0, "status": "error", "error": error, "probabilities": ""}
     # the keys travel through Arrow (Ray Data) between reading, decoding and the driver: UTF-8 only
-    wired = pa.array([to_wire(path), to_wire(error)], pa.string()).to_pylist()
-    assert [from_wire(w) for w in wired] == [path, error]
+    ok = {"path": to_wire(path), "language": "en", "confidence": 0.75, "top_languages": "en:0.7500 de:0.2500",
+          "duration": 1.5, "windows": 2, "windows_used": 2, "status": "ok", "error": None,
+          "probabilities": [0.25, 0.75], "segments": []}
+    failed = {**ok, "path": to_wire(path + ".2"), "language": "", "confidence": None, "top_languages": "",
+              "duration": None, "windows": 0, "windows_used": 0, "status": "error", "error": to_wire(error),
+              "probabilities": [float("nan")] * 2}
+    answers = pa.Table.from_pylist([ok, failed], schema=result_schema(len(labels)))
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "labels.csv")
         with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # as run_label writes
             w = csv.writer(f)
             w.writerow(csv_columns(labels, opts))
-            w.writerow(_csv_row(ok, labels, opts))
-            w.writerow(_csv_row(failed, labels, opts))
+            w.writerows(answer_rows(answers, opts))
         # object, not str: pandas' own string dtype is Arrow's, which refuses the surrogate escapes
         df = pd.read_csv(out, dtype=object, keep_default_na=False, encoding_errors="surrogateescape")
         assert df.path.tolist() == [path, path + ".2"]

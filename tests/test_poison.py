@@ -1,0 +1,64 @@
+"""Poison files: a file whose decoding kills the process (a decoder crash, the OOM killer) costs its own row, with
+the reason, and nothing more. The test-only hook in langid.poison ends the decoding process with os._exit on a
+file whose name holds $LANGID_TEST_CRASH_ON; each job runs as a user would run it, with its own embedded Ray
+(which hands the variable to its workers), and must finish quietly with every file's record."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from conftest import REPO, TONE_CFG, voice, write_wav
+from langid.poison import CRASH_VARIABLE, PROCESS_DIED
+from test_faults import wav_bytes
+from test_label import job_env, read_rows
+
+pytestmark = pytest.mark.slow
+RATE = TONE_CFG.sample_rate
+
+
+def run_job(script: str, *args: str, marker: str = "poison") -> subprocess.CompletedProcess:
+    env = {**job_env(), CRASH_VARIABLE: marker}
+    return subprocess.run([sys.executable, str(REPO / "jobs" / script), *args, "--num-cpus", "2"], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def quiet_stderr(r: subprocess.CompletedProcess) -> list[str]:
+    """What the job printed besides its progress bar: nothing of Ray's (a dead worker's notices included)."""
+    lines = [x for x in r.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    return [x for x in lines if not (x.startswith("label:") or x.startswith("preprocess:"))]
+
+
+def test_label_poison_file_is_one_error_row(model_dir, tmp_path):
+    """A plain file and an archive member that kill their decoding process: each gets one error row after
+    POISON_TRIES tries; the files decoded beside them in the same batch are labelled."""
+    inp = tmp_path / "in"
+    names = [f"clip{i}.wav" for i in range(6)]
+    for i, name in enumerate(names):
+        write_wav(inp / name, voice("en" if i % 2 else "de", 2.0, seed=i), RATE)
+    write_wav(inp / "poison-a.wav", voice("en", 2.0), RATE)
+    with tarfile.open(inp / "more.tar", "w") as tar:
+        for name, lang in (("m-ok.wav", "de"), ("poison-b.wav", "en"), ("m-ok2.wav", "en")):
+            data = wav_bytes(voice(lang, 2.0, seed=7), RATE)
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    listing = tmp_path / "inputs.lst"
+    listing.write_text("".join(f"{inp / n}\n" for n in [*names, "poison-a.wav"]) + f"{inp / 'more.tar'}\n")
+    out = tmp_path / "labels.csv"
+    r = run_job("label.py", "--model", str(model_dir), "--input", f"@{listing}", "--output", str(out),
+                "--batch-size", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["path"]: row for row in read_rows(out)}
+    poison = {str(inp / "poison-a.wav"), f"{inp / 'more.tar'}::poison-b.wav"}
+    assert len(rows) == len(names) + 1 + 3  # every file once
+    for path, row in rows.items():
+        if path in poison:
+            assert (row["status"], row["error"], row["language"]) == ("error", PROCESS_DIED, ""), row
+        else:
+            assert row["status"] == "ok" and row["language"] in ("en", "de"), row
+    assert "2 errors" in r.stdout and "10 files" in r.stdout, r.stdout
+    assert quiet_stderr(r) == [], r.stderr[-3000:]
