@@ -1,6 +1,12 @@
 """langid: spoken-language identification jobs on Ray (preprocess, train, evaluate, label)."""
 
+import warnings
+
 __version__ = "0.1.0"
+
+# fastai decorates a few of its functions with torch.jit.script when imported, which torch now calls deprecated:
+# a line on every training run that the user can do nothing about
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 
 def load_model(path: str, device: str | None = None, **kwargs):

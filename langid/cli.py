@@ -125,7 +125,7 @@ def cmd_preprocess(a: argparse.Namespace) -> int:
     if not exists(a.input):  # before Ray starts: a typo costs no start-up
         raise FileNotFoundError(f"{a.input}: no such directory or manifest file")
     how = init_ray(a.address, a.num_cpus, verbose=a.verbose)
-    if not a.quiet:
+    if a.verbose:
         print(f"langid preprocess: {how}", file=sys.stderr)
     res = run_preprocess(a.input, a.output, cfg, a.format, a.valid_fraction, a.seed, a.png, a.batch_size,
                          a.cpus_per_task, a.max_seconds, progress=not a.quiet, split=a.split,
@@ -205,7 +205,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                        log=lambda m: print(f"langid train: {m}", file=sys.stderr))
     for name, b in res["best"].items():
         print(f"stage {name}: best validation accuracy {b['accuracy']:.4f} at epoch {b['epoch']}")
-    print(f"model: {res['output']} (model.safetensors, model.json, history.csv, training_curves.png)")
+    print(f"model: {res['output']} (model.safetensors, model.onnx, model.json, history.csv, training_curves.png)")
     return 0
 
 

@@ -38,13 +38,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         quiet_ray()
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
-    if JOB_RUNTIME_ENV not in os.environ:
-        # workers must import langid even when it is run from a checkout rather than installed; a job sent with
-        # `ray job submit --working-dir` has its code shipped already, and Ray refuses a driver's env_vars that
-        # conflict with the job's own
-        pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
+    # workers must import langid even when it is run from a checkout rather than installed
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}
     if address:
+        if JOB_RUNTIME_ENV not in os.environ:  # a job sent with `ray job submit --working-dir` has its code already,
+            kwargs["runtime_env"] = {"env_vars": env}  # and Ray refuses a driver's env_vars that conflict with it
         with _init_output(verbose):
             ray.init(address=address, **kwargs)
         return f"joined Ray cluster at {address}"
@@ -54,16 +52,33 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         # (a test beside a job), a wrong guess removed a running training's placement group. So this Ray has its
         # own dashboard, and its workers are told where it is.
         api = f"http://{LOOPBACK}:{free_port()}"
-        kwargs.setdefault("runtime_env", {"env_vars": {}})["env_vars"][API_SERVER_VARIABLE] = api
+        env[API_SERVER_VARIABLE] = api
         kwargs.update(dashboard_host=LOOPBACK, dashboard_port=int(api.rsplit(":", 1)[1]))
     # Ray ends idle worker processes beyond the node's CPU count within a second, but tasks that take no CPU (the
     # training stream's readers, which run beside workers holding every CPU) then start new ones every epoch,
     # seconds each: a few idle processes are kept instead.
     cpus = num_cpus or os.cpu_count() or 1
-    with _init_output(verbose):
+    # an embedded Ray's workers inherit the environment its processes start with: given so, rather than as a
+    # runtime_env, no runtime-env agent has to set up the first task of each worker (seconds of the start-up)
+    with _init_output(verbose), _environment(env):
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard,
                  _system_config={"num_workers_soft_limit": cpus + 10}, **kwargs)
     return f"started Ray embedded ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+@contextmanager
+def _environment(variables: dict):
+    """These environment variables while the block runs, the old values after."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextmanager
