@@ -52,7 +52,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/train_stream.py
+	$(PY) benchmarks/onnx_speed.py
 	$(PY) benchmarks/label.py
+	$(PY) benchmarks/label.py --memory
 	$(PY) benchmarks/scaling.py
 ifneq ($(REALSPEECH),)
 	$(PY) benchmarks/whisper_speed.py

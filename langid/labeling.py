@@ -605,7 +605,8 @@ def _stream(job: LabelJob, meta: dict, units: list, out: Outputs, bar) -> None:
     # decoding reserves its memory, which also keeps Ray Data from fusing it into the model actors (whose
     # resources differ): it stays in parallel tasks on every free CPU while the actors only run the network
     cfg = meta["feature_config"]
-    ds = ds.map_batches(featurize_batch, fn_args=(cfg.to_dict(), opts.hop_seconds_factor, opts.max_seconds, Attempts()),
+    attempts = Attempts()
+    ds = ds.map_batches(featurize_batch, fn_args=(cfg.to_dict(), opts.hop_seconds_factor, opts.max_seconds, attempts),
                         batch_size=4, batch_format="pyarrow", num_cpus=job.cpus_per_task,
                         memory=_decode_memory(job))
     ds = ds.map_batches(Predictor,  # the actors open the model from the cluster's working directory
@@ -614,8 +615,11 @@ def _stream(job: LabelJob, meta: dict, units: list, out: Outputs, bar) -> None:
                         batch_size=job.batch_size, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=job.actors), num_cpus=actor_cpus,
                         num_gpus=job.gpus_per_actor, **({"memory": job.memory_per_actor} if job.memory_per_actor else {}))
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        bar.update(out.write(batch))
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            bar.update(out.write(batch))
+    finally:
+        attempts.close()
 
 
 DECODE_MEMORY = 256 << 20  # a decoding task's reservation: a batch of files of several minutes and their windows

@@ -541,12 +541,11 @@ def test_stages_pass_columns_not_rows_or_json(model_dir, tmp_path, monkeypatch):
     def no_json(*args, **kwargs):
         raise AssertionError("JSON on the labeling path")
 
-    # made before the ban: the model's metadata is JSON, and so is Ray's record of a new actor class
-    predictor, attempts = labeling.Predictor(str(model_dir), opts), Attempts()
+    predictor = labeling.Predictor(str(model_dir), opts)  # made before the ban: the model's metadata is JSON
     with monkeypatch.context() as m:
         m.setattr(json, "dumps", no_json)
         m.setattr(json, "loads", no_json)
-        feats = labeling.featurize_batch(items, meta["feature_config"].to_dict(), 1.0, 3600.0, attempts)
+        feats = labeling.featurize_batch(items, meta["feature_config"].to_dict(), 1.0, 3600.0, Attempts())
         answers = predictor(feats)
         rows = labeling.answer_rows(answers, opts)
         timeline = labeling.segment_rows(answers)

@@ -5,6 +5,7 @@ file whose name holds $LANGID_TEST_CRASH_ON; each job runs as a user would run i
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -12,12 +13,29 @@ import tarfile
 import pytest
 
 from conftest import REPO, TONE_CFG, voice, write_wav
-from langid.poison import CRASH_VARIABLE, PROCESS_DIED
+from langid.poison import CRASH_VARIABLE, POISON_TRIES, PROCESS_DIED, Attempts
 from test_faults import wav_bytes
 from test_label import job_env, read_rows
 
-pytestmark = pytest.mark.slow
 RATE = TONE_CFG.sample_rate
+
+
+def test_attempts_condemn_a_file_only_after_repeated_deaths(tmp_path, monkeypatch):
+    """A decoding that began and never ended counts against its file; a finished one clears the count; each run
+    counts apart, and the driver's close leaves nothing behind."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    attempts, other_run = Attempts(), Attempts()
+    for _ in range(POISON_TRIES):  # each time, the process died before done()
+        assert attempts.admit("bad.wav")
+    assert not attempts.admit("bad.wav") and not attempts.admit("bad.wav")
+    assert other_run.admit("bad.wav")  # another run of the job starts afresh
+    for _ in range(POISON_TRIES + 2):  # a file that decodes fine is never condemned, however often it is redone
+        assert attempts.admit("good.wav")
+        attempts.done("good.wav")
+    assert attempts.admit(os.fsdecode(b"odd \xff name.wav"))  # any key, even one that is not UTF-8
+    attempts.close()
+    other_run.close()
+    assert list((tmp_path / "langid-attempts").iterdir()) == []
 
 
 def run_job(script: str, *args: str, marker: str = "poison") -> subprocess.CompletedProcess:
@@ -32,6 +50,7 @@ def quiet_stderr(r: subprocess.CompletedProcess) -> list[str]:
     return [x for x in lines if not (x.startswith("label:") or x.startswith("preprocess:"))]
 
 
+@pytest.mark.slow
 def test_label_poison_file_is_one_error_row(model_dir, tmp_path):
     """A plain file and an archive member that kill their decoding process: each gets one error row after
     POISON_TRIES tries; the files decoded beside them in the same batch are labelled."""
