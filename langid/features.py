@@ -12,13 +12,12 @@ from langid.config import FeatureConfig
 SHORT_SECONDS = 1.0
 
 
-@lru_cache(maxsize=8)
-def _mel_basis(cfg: FeatureConfig) -> np.ndarray:
-    import librosa
-
-    return librosa.filters.mel(
-        sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax
-    ).astype(np.float32)
+# librosa's Slaney mel scale (librosa.hz_to_mel / mel_to_hz with htk=False)
+MEL_STEP_HZ = 200.0 / 3
+MIN_LOG_HZ = 1000.0
+MIN_LOG_MEL = MIN_LOG_HZ / MEL_STEP_HZ
+LOG_STEP = np.log(6.4) / 27.0
+STFT_BLOCK_BYTES = 1 << 18  # librosa.util.MAX_MEM_BLOCK: frames transformed at once
 
 
 def log_mel(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
@@ -28,19 +27,82 @@ def log_mel(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     independent of recording level; `top_db` and the floor/ceiling fix the range deterministically.
     Raises AudioError for NaN/inf samples.
     """
-    import librosa
-
     if samples.ndim != 1:
         raise ValueError(f"expected a mono signal (frames,), got shape {samples.shape}")
     check_finite(samples)
     peak = float(np.max(np.abs(samples))) if samples.size else 0.0
     if peak > 1.0:  # relative to the maximum, dB do not depend on level; this keeps float32 powers finite
         samples = samples / np.float32(peak)
-    stft = librosa.stft(samples, n_fft=cfg.n_fft, hop_length=cfg.hop_length, center=True, pad_mode="constant")
-    power = np.abs(stft) ** 2
-    mel = _mel_basis(cfg) @ power.astype(np.float32)
-    db = librosa.power_to_db(mel, ref=np.max, amin=1e-10, top_db=cfg.top_db)
+    mel = _mel_basis(cfg) @ _stft_power(samples, cfg)
+    db = _power_to_db(mel, amin=1e-10, top_db=cfg.top_db)
     return np.clip((db - cfg.db_floor) / (cfg.db_ceil - cfg.db_floor), 0.0, 1.0).astype(np.float32)
+
+
+# librosa's STFT, mel filters and dB, the same operations in the same order (bit for bit the same values), without
+# importing librosa: its import (scipy.signal, numba) cost every Ray worker 2 s of CPU before its first file.
+
+def _stft_power(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """|librosa.stft(samples, n_fft, hop_length, center=True, pad_mode="constant")|² in its (F-ordered) layout."""
+    n_fft = cfg.n_fft
+    if samples.dtype != np.float32 or len(samples) < n_fft:  # not what windows() gives: librosa itself
+        import librosa
+
+        stft = librosa.stft(samples, n_fft=n_fft, hop_length=cfg.hop_length, center=True, pad_mode="constant")
+        return (np.abs(stft) ** 2).astype(np.float32)
+    import scipy.fft
+
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(samples, n_fft // 2), n_fft)[::cfg.hop_length]
+    window = _hann(n_fft)
+    out = np.empty((len(frames), 1 + n_fft // 2), np.complex64)
+    step = max(1, STFT_BLOCK_BYTES // (n_fft * samples.itemsize))
+    for start in range(0, len(frames), step):  # float64 products and transforms, as librosa's
+        out[start:start + step] = scipy.fft.rfft(window * frames[start:start + step], axis=-1)
+    return np.abs(out.T) ** 2
+
+
+@lru_cache(maxsize=8)
+def _hann(n: int) -> np.ndarray:
+    """scipy.signal.get_window("hann", n, fftbins=True)."""
+    if n <= 1:
+        return np.ones(n)
+    fac = np.linspace(-np.pi, np.pi, n + 1)
+    w = np.zeros(n + 1)
+    for k, a in enumerate((0.5, 0.5)):
+        w += a * np.cos(k * fac)
+    return w[:-1]
+
+
+def _hz_to_mel(hz: float) -> np.ndarray:
+    hz = np.asanyarray(hz)
+    return MIN_LOG_MEL + np.log(hz / MIN_LOG_HZ) / LOG_STEP if hz >= MIN_LOG_HZ else hz / MEL_STEP_HZ
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    hz = MEL_STEP_HZ * mels
+    log = mels >= MIN_LOG_MEL
+    hz[log] = MIN_LOG_HZ * np.exp(LOG_STEP * (mels[log] - MIN_LOG_MEL))
+    return hz
+
+
+@lru_cache(maxsize=8)
+def _mel_basis(cfg: FeatureConfig) -> np.ndarray:
+    """librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax): Slaney scale, Slaney norm, float32."""
+    fft_hz = np.fft.rfftfreq(n=cfg.n_fft, d=1.0 / cfg.sample_rate)
+    mel_hz = _mel_to_hz(np.linspace(_hz_to_mel(cfg.fmin), _hz_to_mel(cfg.fmax), cfg.n_mels + 2))
+    widths = np.diff(mel_hz)
+    ramps = np.subtract.outer(mel_hz, fft_hz)
+    weights = np.zeros((cfg.n_mels, 1 + cfg.n_fft // 2), np.float32)
+    for i in range(cfg.n_mels):
+        weights[i] = np.maximum(0, np.minimum(-ramps[i] / widths[i], ramps[i + 2] / widths[i + 1]))
+    weights *= (2.0 / (mel_hz[2:] - mel_hz[:-2]))[:, np.newaxis]
+    return weights
+
+
+def _power_to_db(power: np.ndarray, amin: float, top_db: float) -> np.ndarray:
+    """librosa.power_to_db(power, ref=np.max, amin=amin, top_db=top_db)."""
+    db = 10.0 * np.log10(np.maximum(amin, power))
+    db -= 10.0 * np.log10(np.maximum(amin, np.max(power)))
+    return np.maximum(db, db.max() - top_db)
 
 
 def check_finite(samples: np.ndarray) -> None:

@@ -5,6 +5,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +13,9 @@ import pyarrow as pa
 from langid.audio import AudioError, load_audio
 from langid.config import FeatureConfig
 from langid.features import file_flags, flagged_window_features, to_png
+from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.sources import ManifestOptions, assign_splits, find_sources
-from langid.store import ERRORS, WINDOWS, Store, shard_id
+from langid.store import ERROR_SCHEMA, ERRORS, WINDOW_SCHEMA, WINDOWS, Store, shard_id
 from langid.uris import absolute_uri, write_atomic
 
 FILE_KEYS = ("path", "language", "split", "recording_id", "speaker", "gender", "fragment", "augmentation",
@@ -21,74 +23,87 @@ FILE_KEYS = ("path", "language", "split", "recording_id", "speaker", "gender", "
 
 
 def process_file(record: dict, cfg: FeatureConfig, max_seconds: float = 4 * 3600.0):
-    """(window rows, None) for a usable file, ([], reason) for one that is not."""
+    """(its windows as a record batch of WINDOW_SCHEMA, None) for a usable file, (None, reason) for one that is not.
+
+    Columns are built whole (no dict per window): per-row Python objects cost more than the Parquet writing.
+    """
     if record.get("error"):
-        return [], record["error"]
+        return None, record["error"]
     try:
         path = os.fsdecode(record["source"]) if record.get("source") else record["path"]
+        crash_hook(path)
         audio = load_audio(path, cfg.sample_rate, max_seconds=max_seconds)
     except AudioError as e:
-        return [], str(e)
+        return None, str(e)
     except MemoryError:
-        return [], "too large to decode in memory"
-    base = {k: record.get(k) for k in FILE_KEYS}
+        return None, "too large to decode in memory"
     fflags = file_flags(audio.duration, audio.rms_dbfs, audio.peak_dbfs, cfg)
-    rows = []
     try:
         specs, starts, wflags = flagged_window_features(audio.samples, cfg)
     except AudioError as e:
-        return [], str(e)
-    for i, (start, spec, flags) in enumerate(zip(starts, specs, wflags)):
-        rows.append({
-            **base,
-            "window_index": i,
-            "window_start": float(start),
-            "duration": audio.duration,
-            "source_sample_rate": audio.source_sample_rate,
-            "source_channels": audio.source_channels,
-            "quality_flags": ",".join(dict.fromkeys(fflags + flags)),
-            "n_mels": spec.shape[0],
-            "n_frames": spec.shape[1],
-            "logmel": spec.ravel(),
-        })
-    return rows, None
+        return None, str(e)
+    n, rows, cols = specs.shape
+    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * (rows * cols), pa.int32())  # raises rather than wraps
+    columns = {k: [record.get(k)] * n for k in FILE_KEYS}
+    columns.update(
+        window_index=np.arange(n, dtype=np.int32),
+        window_start=np.asarray(starts, np.float32),
+        duration=[audio.duration] * n,
+        source_sample_rate=[audio.source_sample_rate] * n,
+        source_channels=[audio.source_channels] * n,
+        quality_flags=[",".join(dict.fromkeys(fflags + f)) for f in wflags],
+        n_mels=[rows] * n,
+        n_frames=[cols] * n,
+        logmel=pa.ListArray.from_arrays(offsets, pa.array(specs.astype(np.float32, copy=False).ravel())),
+    )
+    return pa.RecordBatch.from_pydict(columns, schema=WINDOW_SCHEMA), None
 
 
-def process_batch(batch: pa.Table, store_uri: str, cfg: FeatureConfig, png: bool, max_seconds: float) -> pa.Table:
-    """Ray Data task: compute one batch of files, write it as one shard, return a line per file.
+def process_batch(batch: pa.Table, store_uri: str, cfg: FeatureConfig, png: bool, max_seconds: float,
+                  shard_files: int = 0, attempts: Attempts | None = None) -> pa.Table:
+    """Ray Data task: compute a batch of files, write it as shards of `shard_files` files (0: one shard), return
+    a line per file. A file whose decoding has killed its process too often (`attempts`) is recorded as an error.
 
-    Errors are written before windows: a task killed between the two leaves its ok files
+    Each shard's errors are written before its windows: a task killed between the two leaves its ok files
     undone (redone on resume) and never a file recorded twice.
     """
     store = Store(store_uri)
     records = batch.to_pylist()
-    sid = shard_id(r["path"] for r in records)
-    window_rows, error_rows, summary = [], [], []
+    size = shard_files or max(1, len(records))
+    summary = {"path": [], "ok": [], "windows": [], "error": []}
+    for start in range(0, len(records), size):
+        _write_shard(store, records[start:start + size], cfg, png, max_seconds, summary, attempts)
+    return pa.table(summary)
+
+
+def _write_shard(store: Store, records: list[dict], cfg: FeatureConfig, png: bool, max_seconds: float,
+                 summary: dict, attempts: Attempts | None = None) -> None:
+    """Compute files and write them as one shard (and their PNGs); a line per file goes to `summary`."""
+    found, errors = [], []
     for rec in records:
-        rows, err = process_file(rec, cfg, max_seconds)
-        if err is not None:
-            error_rows.append({**{k: rec.get(k) for k in FILE_KEYS}, "error": err})
-        window_rows.extend(rows)
-        summary.append({"path": rec["path"], "ok": err is None, "windows": len(rows), "error": err or "",
-                        "quality_flags": rows[0]["quality_flags"] if rows else ""})
+        if attempts is not None and not attempts.admit(rec["path"]):
+            windows, err = None, PROCESS_DIED
+        else:
+            windows, err = process_file(rec, cfg, max_seconds)
+            if attempts is not None:
+                attempts.done(rec["path"])
+        if err is None:
+            found.append(windows)
+        else:
+            errors.append({**{k: rec.get(k) for k in FILE_KEYS}, "error": err})
+        for key, value in zip(summary, (rec["path"], err is None, 0 if err else windows.num_rows, err or "")):
+            summary[key].append(value)
     if png:
-        for r in window_rows:
-            spec = r["logmel"].reshape(r["n_mels"], r["n_frames"])
-            target = store.png_path(r["split"], r["language"], r["path"], r["window_index"])
-            write_atomic(store.fs, target, to_png(spec))
-    if error_rows:
-        store.write_shard(ERRORS, pa.Table.from_pylist(error_rows), sid)
-    if window_rows:
-        store.write_shard(WINDOWS, _window_table(window_rows), sid)
-    return pa.Table.from_pylist(summary)
-
-
-def _window_table(rows: list[dict]) -> pa.Table:
-    cols = {k: [r[k] for r in rows] for k in rows[0] if k != "logmel"}
-    flat = np.concatenate([r["logmel"] for r in rows]).astype(np.float32, copy=False)
-    offsets = np.concatenate([[0], np.cumsum([len(r["logmel"]) for r in rows])]).astype(np.int32)
-    cols["logmel"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-    return pa.table(cols)
+        for b in found:
+            specs = b.column("logmel").values.to_numpy().reshape(b.num_rows, b["n_mels"][0].as_py(), -1)
+            path, split, language = (b[k][0].as_py() for k in ("path", "split", "language"))
+            for i, spec in enumerate(specs):
+                write_atomic(store.fs, store.png_path(split, language, path, i), to_png(spec))
+    sid = shard_id(r["path"] for r in records)
+    if errors:
+        store.write_shard(ERRORS, pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), sid)
+    if found:
+        store.write_shard(WINDOWS, pa.Table.from_batches(found, schema=WINDOW_SCHEMA), sid)
 
 
 def utf8_record(record: dict) -> dict:
@@ -101,13 +116,29 @@ def utf8_record(record: dict) -> dict:
 
 
 MIN_FILES_PER_TASK = 4
+# A task computes several shards, big ones first and single shards at the end (which even out the workers' last
+# round): each task costs Ray Data's scheduling a pause of its worker and work in the driver, which one-shard tasks
+# of 0.3 s paid 78 times per worker on 5,000 clips. At most this many shards, so that a task stays a few seconds
+# of 10-s clips, progress keeps moving and a retried task redoes little.
+MAX_SHARDS_PER_TASK = 8
+TASK_ROUNDS = 2  # a task takes 1/(rounds x slots) of the shards left
 
 
 def files_per_task(n_files: int, batch_size: int, cpus: int) -> int:
-    """Files per task (and shard): up to batch_size, fewer so that every CPU gets about four tasks (no worker
-    idles through a long last round), but not below a few files (tiny shards cost more than they save)."""
+    """Files per shard (a task computes one or more): up to batch_size, fewer so that every CPU gets about four
+    shards (no worker idles through a long last round), but not below a few files (tiny shards cost more than
+    they save)."""
     spread = math.ceil(n_files / (4 * max(1, cpus)))
     return max(1, min(batch_size, max(spread, MIN_FILES_PER_TASK)))
+
+
+def shards_per_task(n_shards: int, slots: int) -> list[int]:
+    """Shards of each task in order: each takes 1/(TASK_ROUNDS x slots) of the shards left, 1 to MAX_SHARDS_PER_TASK."""
+    sizes, left = [], n_shards
+    while left > 0:
+        sizes.append(min(left, MAX_SHARDS_PER_TASK, max(1, math.ceil(left / (TASK_ROUNDS * max(1, slots))))))
+        left -= sizes[-1]
+    return sizes
 
 
 @dataclass
@@ -130,6 +161,44 @@ class PreprocessResult:
             reasons = ", ".join(f"{n} {reason}" for reason, n in self.left_out.items())
             text += f"\n{sum(self.left_out.values())} label rows left out: {reasons}"
         return text
+
+    def add(self, summary: pa.Table) -> None:
+        """Count a batch of process_batch's per-file lines."""
+        for path, ok, windows, error in zip(*(summary.column(k).to_pylist() for k in ("path", "ok", "windows", "error"))):
+            if ok:
+                self.ok += 1
+                self.windows += windows
+            else:
+                self.failed += 1
+                self.errors.append((path, error))
+
+
+def _compute(records: list[dict], store_uri: str, cfg: FeatureConfig, png: bool, shard_files: int,
+             num_cpus: float = 1.0, max_seconds: float = 4 * 3600.0, memory: int = 0,
+             task_shards: int | None = None, attempts: Attempts | None = None) -> Iterator[pa.Table]:
+    """The Ray Data pipeline over `records`: shards of `shard_files` files, grouped into tasks (`task_shards` each,
+    or shards_per_task's sizes), each task writing its own shards; yields the tasks' per-file lines (path, ok,
+    windows, error) as they finish."""
+    import ray
+
+    n_shards = math.ceil(len(records) / shard_files)
+    if task_shards:
+        sizes = [task_shards] * math.ceil(n_shards / task_shards)
+    else:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        sizes = shards_per_task(n_shards, int(cpus // num_cpus) if num_cpus > 0 else int(cpus))
+    schema = pa.Table.from_pylist(records).schema  # one for all blocks: a column of Nones in one is not null-typed
+    blocks, start = [], 0
+    for k in sizes:
+        blocks.append(pa.Table.from_pylist(records[start:start + k * shard_files], schema=schema))
+        start += k * shard_files
+    out = ray.data.from_arrow(blocks).map_batches(
+        process_batch, fn_args=(store_uri, cfg, png, max_seconds, shard_files, attempts), batch_size=None,
+        batch_format="pyarrow", num_cpus=num_cpus, **({"memory": memory} if memory else {}))
+    # one operator has nothing to share with: Ray Data's reservation held it to half the CPUs until its first
+    # task ended (a whole first task with one of two cores idle); this dataset's own context, not the global one
+    out.context.op_resource_reservation_enabled = False
+    yield from out.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
 def run_preprocess(
@@ -164,25 +233,21 @@ def run_preprocess(
     records = assign_splits(records, valid_fraction, seed)
     store = Store(output)
     store.init(cfg)
+    store.remove_leftovers()  # hidden temporaries of a writer killed before its rename
     done = store.done_paths()
     todo = [r for r in records if r["path"] not in done]
     result = PreprocessResult(store=output, files_seen=len(records), skipped_done=len(records) - len(todo),
                               left_out=found.left_out)
     if todo:
-        batch_size = files_per_task(len(todo), batch_size, int(ray.cluster_resources().get("CPU", 1)))
-        ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / batch_size))
-        out = ds.map_batches(process_batch, fn_args=(output, cfg, png, max_seconds),
-                             batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus,
-                             **({"memory": memory} if memory else {}))
+        shard_files = files_per_task(len(todo), batch_size, int(ray.cluster_resources().get("CPU", 1)))
+        attempts = Attempts()
         with tqdm(total=len(todo), unit="file", desc="preprocess", disable=not progress) as bar:
-            for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
-                for row in batch.to_pylist():
-                    if row["ok"]:
-                        result.ok += 1
-                        result.windows += row["windows"]
-                    else:
-                        result.failed += 1
-                        result.errors.append((row["path"], row["error"]))
-                bar.update(batch.num_rows)
+            try:
+                for summary in _compute(todo, output, cfg, png, shard_files, num_cpus, max_seconds, memory,
+                                        attempts=attempts):
+                    result.add(summary)
+                    bar.update(summary.num_rows)
+            finally:
+                attempts.close()
     result.seconds = time.perf_counter() - t0
     return result

@@ -333,3 +333,31 @@ def test_huge_declared_length_tiny_body(tmp_path):
     except AudioError:
         pass
     assert samples2 is None or len(samples2) == len(x)
+
+
+def _librosa_log_mel(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """The features as langid computed them through librosa before it did the same operations itself."""
+    import librosa
+
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if peak > 1.0:
+        samples = samples / np.float32(peak)
+    stft = librosa.stft(samples, n_fft=cfg.n_fft, hop_length=cfg.hop_length, center=True, pad_mode="constant")
+    basis = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin,
+                                fmax=cfg.fmax).astype(np.float32)
+    db = librosa.power_to_db(basis @ (np.abs(stft) ** 2).astype(np.float32), ref=np.max, amin=1e-10, top_db=cfg.top_db)
+    return np.clip((db - cfg.db_floor) / (cfg.db_ceil - cfg.db_floor), 0.0, 1.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("cfg", [FeatureConfig(), FeatureConfig(sample_rate=16000, window_seconds=1.0, n_mels=32,
+                                                                 hop_length=160, fmax=8000),
+                                 FeatureConfig(sample_rate=22050, n_fft=2048, hop_length=512, n_mels=128, fmin=20.0)])
+def test_log_mel_equals_librosa(cfg):
+    """langid's own STFT, mel filters and dB (no librosa import in the workers) give librosa's values: the trained
+    models depend on them."""
+    rng = np.random.default_rng(3)
+    for n in (cfg.window_samples, cfg.window_samples // 3 + 7, cfg.n_fft + 1):
+        x = (0.3 * rng.standard_normal(n)).astype(np.float32)
+        np.testing.assert_allclose(log_mel(x, cfg), _librosa_log_mel(x, cfg), rtol=0, atol=1e-6)
+    loud = (3.0 * rng.standard_normal(cfg.window_samples)).astype(np.float32)  # above full scale: normalised first
+    np.testing.assert_allclose(log_mel(loud, cfg), _librosa_log_mel(loud, cfg), rtol=0, atol=1e-6)
