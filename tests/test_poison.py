@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 
-from conftest import REPO, TONE_CFG, voice, write_wav
+from conftest import REPO, TONE_CFG, kaggle_name, voice, write_wav
 from langid.poison import CRASH_VARIABLE, POISON_TRIES, PROCESS_DIED, Attempts
 from test_faults import wav_bytes
 from test_label import job_env, read_rows
@@ -81,3 +81,41 @@ def test_label_poison_file_is_one_error_row(model_dir, tmp_path):
             assert row["status"] == "ok" and row["language"] in ("en", "de"), row
     assert "2 errors" in r.stdout and "10 files" in r.stdout, r.stdout
     assert quiet_stderr(r) == [], r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_preprocess_poison_file_is_one_error_record_and_leftovers_go(tmp_path):
+    """Preprocessing: the file that kills its decoding process gets one error record after POISON_TRIES tries, the
+    files of its task get their windows; a rerun (nothing left to do) removes the hidden temporary files that
+    killed writers left in the store, and only those."""
+    from langid.store import ERRORS, WINDOWS, Store
+
+    corpus = tmp_path / "corpus" / "train" / "train"
+    names = [kaggle_name("en" if i % 2 else "de", i) for i in range(6)]
+    for i, name in enumerate(names):
+        write_wav(corpus / name, voice("en" if i % 2 else "de", 2.0, seed=i), RATE)
+    poison = f"en_m_{'0badf00d' * 4}.fragment0.flac"  # a Kaggle name, so that its marker is the recording id
+    write_wav(corpus / poison, voice("en", 2.0), RATE)
+    store = tmp_path / "store"
+    args = ("--input", str(tmp_path / "corpus"), "--output", str(store), "--window-seconds", "1", "--n-mels", "32",
+            "--sample-rate", str(RATE), "--hop-length", "160", "--fmax", "8000", "--batch-size", "8")
+    r = run_job("preprocess.py", *args, marker="0badf00d")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert quiet_stderr(r) == [], r.stderr[-3000:]
+    s = Store(str(store))
+    errors = s.read(ERRORS).to_pylist()
+    assert [(os.path.basename(e["path"]), e["error"]) for e in errors] == [(poison, PROCESS_DIED)]
+    windowed = set(map(os.path.basename, s.read(WINDOWS, columns=["path"]).column("path").to_pylist()))
+    assert windowed == set(names)
+    assert "6 ok" in r.stdout and "1 failed" in r.stdout, r.stdout
+
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    leftovers = [store / "windows" / ".part-0123.parquet.4f2a.tmp", store / "errors" / ".part-9.parquet.77.tmp",
+                 store / ".feature_config.json.1c.tmp"]
+    keep = [store / "windows" / ".notes", store / "windows" / "mine.tmp"]  # not a writer's hidden temporary
+    for f in leftovers + keep:
+        f.write_bytes(b"half-written")
+    again = run_job("preprocess.py", *args, marker="0badf00d")
+    assert again.returncode == 0 and "7 already in the store" in again.stdout, again.stdout + again.stderr[-2000:]
+    assert [f for f in leftovers if f.exists()] == [] and all(f.exists() for f in keep)
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file() and p not in keep} == before
