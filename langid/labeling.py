@@ -400,7 +400,7 @@ def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions =
 
 def label(job: LabelJob) -> LabelResult:
     """The job's steps: check the model, resume the outputs, plan the inputs, stream them through the pipeline,
-    narrow down the files whose process died, publish the finished files."""
+    publish the finished files."""
     from tqdm.auto import tqdm
 
     from langid.inference import check_languages, describe_model  # here: decode tasks need no torch
