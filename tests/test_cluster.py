@@ -155,7 +155,7 @@ def test_cluster_labels_match_a_single_node_run(two_node_run, ray_local, tmp_pat
 STATE_PROBE = """
 import sys, ray
 from langid.runtime import init_ray
-init_ray(num_cpus=1)
+init_ray(num_cpus=1, dashboard=True)  # as training starts it: Ray Train's state queries need the dashboard
 @ray.remote(num_cpus=0)
 class Alive:
     def ping(self):
@@ -171,8 +171,8 @@ print("ALIVE", ray.get(alive.remote(a._actor_id.hex())))
 
 
 def test_embedded_ray_answers_state_queries_about_itself_beside_another_ray(ray_local, tmp_path):
-    """With two Ray instances on a machine (here the test session's and a job's), a worker's state query must
-    reach its own Ray: Ray Train removes a training's placement group when its controller looks dead."""
+    """With two Ray instances on a machine (here the test session's and a training job's), a worker's state query
+    must reach its own Ray: Ray Train removes a training's placement group when its controller looks dead."""
     import subprocess
     import sys
 
