@@ -22,12 +22,13 @@ def free_port() -> int:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
-             dashboard: bool = False) -> str:
+             dashboard: bool = False, worker_output: bool = False) -> str:
     """Join the cluster at `address` / RAY_ADDRESS, or start Ray embedded; returns which it did.
 
     Quiet unless `verbose`: Ray's own lines (workers' output, its warnings, the core worker's error lines) stay in
     Ray's session logs instead of the user's terminal. `dashboard` starts the embedded Ray's dashboard, which
-    Ray Train needs (its state API); the other jobs start faster without it.
+    Ray Train needs (its state API); the other jobs start faster without it. `worker_output` prints what the
+    workers print (training's epoch lines come from its workers).
     """
     import ray
 
@@ -37,7 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     if not verbose:
         quiet_ray()
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+    kwargs = dict(log_to_driver=verbose or worker_output, logging_level=logging.INFO if verbose else logging.ERROR)
     # workers must import langid even when it is run from a checkout rather than installed
     env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}
     if address:
