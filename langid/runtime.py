@@ -36,7 +36,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         return "already running"
     quiet_ray_data()
     if not verbose:
-        quiet_ray()
+        quiet_ray(core_worker_lines=worker_output)
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(log_to_driver=verbose or worker_output, logging_level=logging.INFO if verbose else logging.ERROR)
     # workers must import langid even when it is run from a checkout rather than installed
@@ -105,14 +105,16 @@ def _init_output(verbose: bool):
             os.close(saved)
 
 
-def quiet_ray() -> None:
+def quiet_ray(core_worker_lines: bool = False) -> None:
     """Keep Ray's internals out of the terminal: its Python loggers to errors that end the job, its C++ core
-    worker's lines (one per actor pool) off, its deprecation warnings off. Before ray.init."""
+    worker's lines (one per actor pool) off unless `core_worker_lines` (where workers' output reaches the terminal,
+    every Ray process would print the log level it read), its deprecation warnings off. Before ray.init."""
     import warnings
 
     from ray.util.annotations import RayDeprecationWarning
 
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    if not core_worker_lines:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=RayDeprecationWarning)
