@@ -251,32 +251,21 @@ def fresh_ray(num_cpus) -> tuple[float, int]:
     return time.perf_counter() - t0, int(ray.cluster_resources().get("CPU", 0))
 
 
-class Spy:
+class Spy(Poller):
     """py-spy record (raw collapsed stacks, `seconds` long, non-blocking) on the model actor and one decoding task's
     worker, started once `clock` has seen `after_rows` rows; `.reports` afterwards: per process, the busy share
     (samples of active threads / samples possible) and the functions holding the most samples."""
 
     def __init__(self, clock: RowClock, after_rows: int, folder: str, seconds: float = 10.0, rate: int = 50):
-        import threading
-
+        super().__init__(0.2)
         self.clock, self.after_rows, self.folder, self.seconds, self.rate = clock, after_rows, folder, seconds, rate
         self.reports: dict = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
+    def _run(self):  # one recording, once the rows have come, instead of Poller's loop
         from common import _cmdline, tree_cpu_seconds
 
         while not self._stop.is_set() and (not self.clock.timeline or self.clock.timeline[-1][1] < self.after_rows):
-            self._stop.wait(0.2)
+            self._stop.wait(self.every)
         if self._stop.is_set():
             return
         targets = {}
