@@ -188,7 +188,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                      workers=a.workers, gpu=bool(a.gpu), amp=a.amp, cpus_per_worker=a.cpus_per_worker,
                      memory_per_worker=a.memory_per_worker, seed=a.seed, spec_augment=not a.no_spec_augment,
                      max_failures=a.max_failures, shuffle_buffer=a.shuffle_buffer)
-    how = init_ray(a.address, a.num_cpus, verbose=a.verbose, dashboard=True, worker_output=not a.quiet)
+    how = init_ray(a.address, a.num_cpus, verbose=a.verbose, dashboard=True)
     if a.lr_find:  # runs here, on this machine's device, streaming the store through Ray Data
         tc = replace(tc, gpu=default_device(a.gpu).type == "cuda")
         res = run_lr_find(tc, pretrained=not a.no_pretrained, weights_file=a.weights)
@@ -202,7 +202,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     print(f"langid train: {how}; {a.workers} worker(s) on {'GPU' if gpu else 'CPU'}"
           f"{' with mixed precision' if tc.mixed_precision else ''}, {a.arch}", file=sys.stderr)
     res = run_training(tc, pretrained=not a.no_pretrained, weights_file=a.weights,
-                       log=lambda m: print(f"langid train: {m}", file=sys.stderr))
+                       log=lambda m: print(f"langid train: {m}", file=sys.stderr),
+                       progress=None if a.quiet else print)
     for name, b in res["best"].items():
         print(f"stage {name}: best validation accuracy {b['accuracy']:.4f} at epoch {b['epoch']}")
     print(f"model: {res['output']} (model.safetensors, model.onnx, model.json, history.csv, training_curves.png)")

@@ -22,13 +22,12 @@ def free_port() -> int:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
-             dashboard: bool = False, worker_output: bool = False) -> str:
+             dashboard: bool = False) -> str:
     """Join the cluster at `address` / RAY_ADDRESS, or start Ray embedded; returns which it did.
 
     Quiet unless `verbose`: Ray's own lines (workers' output, its warnings, the core worker's error lines) stay in
     Ray's session logs instead of the user's terminal. `dashboard` starts the embedded Ray's dashboard, which
-    Ray Train needs (its state API); the other jobs start faster without it. `worker_output` prints what the
-    workers print (training's epoch lines come from its workers).
+    Ray Train needs (its state API); the other jobs start faster without it.
     """
     import ray
 
@@ -36,9 +35,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         return "already running"
     quiet_ray_data()
     if not verbose:
-        quiet_ray(core_worker_lines=worker_output)
+        quiet_ray()
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(log_to_driver=verbose or worker_output, logging_level=logging.INFO if verbose else logging.ERROR)
+    kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
     # workers must import langid even when it is run from a checkout rather than installed
     env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}
     if address:
@@ -105,16 +104,14 @@ def _init_output(verbose: bool):
             os.close(saved)
 
 
-def quiet_ray(core_worker_lines: bool = False) -> None:
+def quiet_ray() -> None:
     """Keep Ray's internals out of the terminal: its Python loggers to errors that end the job, its C++ core
-    worker's lines (one per actor pool) off unless `core_worker_lines` (where workers' output reaches the terminal,
-    every Ray process would print the log level it read), its deprecation warnings off. Before ray.init."""
+    worker's lines (one per actor pool) off, its deprecation warnings off. Before ray.init."""
     import warnings
 
     from ray.util.annotations import RayDeprecationWarning
 
-    if not core_worker_lines:
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=RayDeprecationWarning)

@@ -5,10 +5,12 @@ The pieces it puts together: settings (`config.TrainConfig`), the data stream (`
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from dataclasses import replace
-from typing import Optional
+from typing import Callable, Optional
 
 from langid.config import Stage, TrainConfig, default_schedule  # noqa: F401  (the training API in one import)
 from langid.store import Store, StoreError
@@ -77,16 +79,79 @@ def ingest_options(tc: TrainConfig, data: TrainingData):
     return options
 
 
-def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optional[str] = None, log=print) -> dict:
-    """Train with Ray Train (resuming a previous run in the same output), then export the model folder."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+class WorkerLines:
+    """Rank 0's lines (each epoch, a resume) shown by the driver as they come, with a bar for the epoch under way,
+    through a small queue actor: the workers' own output, which carries Ray Train's internal lines, stays in
+    Ray's logs."""
 
+    def __init__(self, show: Callable[[str], None], bar: bool = True):
+        from ray.util.queue import Queue
+
+        self.print, self.queue = show, Queue(actor_options={"num_cpus": 0})
+        self.bar, self._bar = bar, None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self.queue
+
+    def __exit__(self, *exc):
+        import ray
+
+        self._done.set()
+        self._thread.join()
+        try:
+            for line in self.queue.get_nowait_batch(self.queue.qsize()):
+                self.show(line)
+        finally:
+            ray.kill(self.queue.actor)
+            self._close_bar()
+
+    def show(self, line) -> None:
+        """A line is printed (the bar of its epoch closes first); a `trainloop.Batches` moves the bar."""
+        from langid.trainloop import Batches
+
+        if not isinstance(line, Batches):
+            self._close_bar()
+            self.print(line)
+            return
+        if not self.bar:
+            return
+        if self._bar is None or self._bar.desc != line.epoch:
+            from tqdm.auto import tqdm
+
+            self._close_bar()
+            self._bar = tqdm(desc=line.epoch, total=line.total, unit="batch", leave=False)
+        self._bar.update(line.done - self._bar.n)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _pump(self) -> None:
+        from ray.exceptions import RayError
+        from ray.util.queue import Empty
+
+        while not self._done.is_set():
+            try:
+                self.show(self.queue.get(timeout=0.5))
+            except Empty:
+                continue
+            except RayError:  # the queue is gone: the job is ending
+                return
+
+
+def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optional[str] = None, log=print,
+                 progress: Optional[Callable[[str], None]] = print) -> dict:
+    """Train with Ray Train (resuming a previous run in the same output), then export the model folder.
+
+    `log` gets the driver's notes; `progress` the workers' epoch and resume lines (None: they stay in Ray's logs).
+    """
     from langid.checkpoint import load_checkpoint
     from langid.export import export_model
     from langid.model import imagenet_weights
-    from langid.trainloop import train_loop_per_worker
 
     tc = replace(tc, store=absolute_uri(tc.store), output=absolute_uri(tc.output))
     cfg = Store(tc.store).read_config()
@@ -101,10 +166,29 @@ def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optiona
         log(message)
     else:
         log("random initialisation (--no-pretrained)")
+    lines = WorkerLines(progress) if progress else contextlib.nullcontext()
+    with lines as queue:
+        checkpoint, seconds = _fit(tc, data, state, queue)
+    with checkpoint.as_directory() as d:
+        _, _, done, best = load_checkpoint(d)
+    with StagedFolder(tc.output) as local:  # a URI output is written locally, then copied
+        res = export_model(local, tc, cfg, data.labels, done, best, pretrained=state is not None, seconds=seconds)
+    return {**res, "output": tc.output}
+
+
+def _fit(tc: TrainConfig, data: TrainingData, state: Optional[dict], lines):
+    """Ray Train's fit of the worker loop (rank 0 puts its lines on `lines`, a queue, when given); returns the
+    last checkpoint and the seconds the fit took."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from langid.trainloop import train_loop_per_worker
+
     resources = {"CPU": tc.cpus_per_worker, **({"memory": tc.memory_per_worker} if tc.memory_per_worker else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train_config": tc, "data": data,
+        train_loop_config={"train_config": tc, "data": data, "lines": lines,
                            "pretrained": ray.put(state) if state is not None else None},
         datasets=training_datasets(tc, data),
         dataset_config=ray.train.DataConfig(execution_options=ingest_options(tc, data)),
@@ -120,12 +204,7 @@ def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optiona
     result = trainer.fit()
     if result.error:
         raise result.error
-    with result.checkpoint.as_directory() as d:
-        _, _, progress, best = load_checkpoint(d)
-    with StagedFolder(tc.output) as local:  # a URI output is written locally, then copied
-        res = export_model(local, tc, cfg, data.labels, progress, best, pretrained=state is not None,
-                           seconds=time.time() - t0)
-    return {**res, "output": tc.output}
+    return result.checkpoint, time.time() - t0
 
 
 def run_lr_find(tc: TrainConfig, pretrained: bool = True, weights_file: Optional[str] = None) -> dict:

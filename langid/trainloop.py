@@ -72,21 +72,41 @@ class EpochMetrics(Callback):
         return train_loss / max(train_n, 1), valid_loss / max(valid_n, 1), correct / max(valid_n, 1)
 
 
+@dataclass(frozen=True)
+class Batches:
+    """How far rank 0 is in an epoch (train then valid batches), for the driver's progress bar."""
+
+    epoch: str
+    done: int
+    total: int
+
+
 class ReportEpoch(Callback):
     """After each epoch of a stage: history row, progress, rank 0's line, checkpoint and `ray.train.report`."""
 
     order = EpochMetrics.order + 1
 
     def __init__(self, stages: list[Stage], stage_index: int, start_epoch: int, progress: Progress,
-                 metrics: EpochMetrics, loaders: list[StreamLoader], rank: int, device: torch.device):
+                 metrics: EpochMetrics, loaders: list[StreamLoader], rank: int, device: torch.device, say):
         self.stages, self.stage_index, self.start_epoch = stages, stage_index, start_epoch
         self.progress, self.metrics, self.loaders, self.rank, self.device = progress, metrics, loaders, rank, device
+        self.say = say
         self.t0 = time.time()
 
     def before_epoch(self):
-        self.t0 = time.time()
+        self.t0 = self.told = time.time()
         for loader in self.loaders:  # a new shuffle per epoch of the run, the same on a rerun
             loader.set_epoch(len(self.progress.history))
+
+    def after_batch(self):
+        """Rank 0 tells how far the epoch is, at most once a second (the driver's bar)."""
+        if self.rank != 0 or self.epoch < self.start_epoch or time.time() - self.told < 1:
+            return
+        self.told = time.time()
+        train, valid = (len(loader) for loader in self.loaders)
+        stage = self.stages[self.stage_index]
+        self.say(Batches(f"stage {self.stage_index + 1}/{len(self.stages)} epoch {self.epoch + 1}/{stage.epochs}",
+                         self.iter + 1 + (0 if self.training else train), train + valid))
 
     def after_epoch(self):
         import ray.train
@@ -106,16 +126,30 @@ class ReportEpoch(Callback):
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        print(f"stage {self.stage_index + 1}/{len(self.stages)} ({stage.name}) epoch {epoch}/{stage.epochs}: "
-              f"train_loss {train_loss:.4f} valid_loss {valid_loss:.4f} accuracy {acc:.4f} ({row['seconds']} s)",
-              flush=True)
+        self.say(f"stage {self.stage_index + 1}/{len(self.stages)} ({stage.name}) epoch {epoch}/{stage.epochs}: "
+                 f"train_loss {train_loss:.4f} valid_loss {valid_loss:.4f} accuracy {acc:.4f} ({row['seconds']} s)")
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(d, self.learn.model, self.learn.opt.state_dict(), self.progress.state(),
                             self.progress.best_weights)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def resume(model: nn.Module, rank: int) -> tuple[Progress, dict | None]:
+def teller(lines):
+    """How rank 0 tells its lines and `Batches`: onto the driver's queue (`training.WorkerLines`), else its lines
+    printed into Ray's logs."""
+    def say(line: str | Batches) -> None:
+        if lines is not None:
+            try:
+                lines.put(line)
+                return
+            except Exception:  # noqa: BLE001  the driver's queue is gone: the line still reaches the worker's log
+                pass
+        if isinstance(line, str):
+            print(line, flush=True)
+    return say
+
+
+def resume(model: nn.Module, rank: int, say=print) -> tuple[Progress, dict | None]:
     """The run's progress and optimizer state from Ray Train's latest checkpoint (weights into `model`)."""
     import ray.train
 
@@ -126,7 +160,7 @@ def resume(model: nn.Module, rank: int) -> tuple[Progress, dict | None]:
         weights, opt_state, state, best_weights = load_checkpoint(d)
     model.load_state_dict(weights)
     if rank == 0:
-        print(f"resuming from checkpoint: stage {state['stage'] + 1}, {state['epoch']} epochs done in it", flush=True)
+        say(f"resuming from checkpoint: stage {state['stage'] + 1}, {state['epoch']} epochs done in it")
     return Progress(**state, best_weights=best_weights), opt_state
 
 
@@ -159,7 +193,8 @@ def train_loop_per_worker(config: dict) -> None:
     state_dict = ray.get(config["pretrained"]) if config.get("pretrained") is not None else None
     model = LangIdNet(tc.arch, len(data.labels), resnet_state=state_dict, input_shape=(data.n_mels, data.n_frames))
     del state_dict
-    progress, opt_state = resume(model, rank)
+    say = teller(config.get("lines"))
+    progress, opt_state = resume(model, rank, say)
     model = model.to(device)
     if device.type == "cuda":  # tensor cores prefer NHWC
         model = model.to(memory_format=torch.channels_last)
@@ -186,6 +221,6 @@ def train_loop_per_worker(config: dict) -> None:
         if world > 1:  # rewrap per stage: DDP only reduces parameters that train in this stage
             ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
             learn.model = nn.parallel.DistributedDataParallel(learn.model, **ddp_kwargs)
-        report = ReportEpoch(stages, i, start_epoch, progress, metrics, list(dls.loaders), rank, device)
+        report = ReportEpoch(stages, i, start_epoch, progress, metrics, list(dls.loaders), rank, device, say)
         learn.fit_one_cycle(stage.epochs, lr_max=lrs, start_epoch=start_epoch, cbs=[report])
     shutil.rmtree(workdir, ignore_errors=True)

@@ -574,6 +574,21 @@ def test_stages_pass_columns_not_rows_or_json(model_dir, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- 6. API, CLI and job agree
 
+def test_an_embedded_run_prints_its_bar_and_summary_only(model_dir, small, tmp_path):
+    """As in the demo: the job starts its own Ray; the terminal gets the bar and the summary, none of Ray's
+    start-up, worker, deprecation or core-worker lines."""
+    d, paths, _ = small
+    r = subprocess.run([sys.executable, str(REPO / "jobs" / "label.py"), "--model", str(model_dir), "--input",
+                        str(d / "in"), "--output", str(tmp_path / "labels.csv"), "--num-cpus", "2"],
+                       env=job_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = r.stdout.splitlines()
+    assert len(summary) == 1 and summary[0].startswith(f"{len(paths)} files in "), r.stdout
+    bar = [line for line in re.split(r"[\r\n]+", r.stderr) if line.strip()]
+    assert bar and all(line.startswith("label: ") for line in bar), r.stderr
+    assert f"{len(paths)}/{len(paths)}" in bar[-1]
+
+
 def test_api_cli_and_job_agree(model_dir, small):
     d, paths, res = small
     job = one_row_per(read_rows(d / "labels.csv"), paths)

@@ -373,8 +373,12 @@ def test_killed_training_resumes_from_its_checkpoint(ray_local, store, tmp_path)
 
     for d in done_rows:  # no checkpointed epoch is trained again...
         assert epoch_line(d["stage_index"], d["epoch"]) not in output, output
-    nxt = expected_epochs(stages)[len(done_rows)]  # ...and training goes on with the next one
-    assert epoch_line([s.name for s in stages].index(nxt[0]) + 1, nxt[1]) in output, output
+    names = [s.name for s in stages]
+    for name, epoch in expected_epochs(stages)[len(done_rows):]:  # ...and each of the others is trained once,
+        assert second.stdout.count(epoch_line(names.index(name) + 1, epoch)) == 1, output  # told once
+    # rank 0's lines reach the terminal through the driver; Ray Train's own lines stay in Ray's logs
+    for internal in ("TrainingReport", "RayTrainWorker", "pid=", "Checkpoint"):
+        assert internal not in output, output
 
     hist = read_history(out)
     keys = [(h["stage"], int(h["epoch"])) for h in hist]
