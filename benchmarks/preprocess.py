@@ -42,6 +42,7 @@ from langid.features import log_mel, windows
 from langid.preprocess import process_batch, run_preprocess
 from langid.sources import assign_splits, discover
 from langid.store import ERRORS, WINDOWS, Store
+from langid.uris import atomic_output
 
 SOURCE_RATE = 22050
 CLIP_SECONDS = 10.0
@@ -89,10 +90,8 @@ def kaggle_name(index: int, seed: int) -> str:
 def write_clip(folder: str, index: int, seed: int) -> None:
     """Clip `index` of the seed's corpus, written under a hidden name and renamed (an interrupted run leaves none
     half-written)."""
-    name = kaggle_name(index, seed)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    sf.write(tmp, synth_clip(np.random.default_rng([seed, index])), SOURCE_RATE, format="FLAC", subtype="PCM_16")
-    os.replace(tmp, os.path.join(folder, name))
+    with atomic_output(os.path.join(folder, kaggle_name(index, seed))) as tmp:
+        sf.write(tmp, synth_clip(np.random.default_rng([seed, index])), SOURCE_RATE, format="FLAC", subtype="PCM_16")
 
 
 def make_corpus(root: str, n_files: int, seed: int = 0) -> str:

@@ -13,6 +13,7 @@ from langid.model import LangIdNet, save_model
 from langid.onnxmodel import export_folder
 from langid.trainset import VALID, iter_split
 
+from langid.uris import atomic_output
 
 def calibrate(model: LangIdNet, store: str, labels: list[str], batch_size: int = 64) -> dict:
     """Temperature scaling fitted on the validation windows (streamed), so reported confidences mean what they say."""
@@ -56,7 +57,7 @@ def export_model(output: str, tc: TrainConfig, cfg: FeatureConfig, labels: list[
     save_model(model, output, labels, cfg, meta)
     export_folder(model, output, cfg.shape)
     history = progress["history"]
-    with open(os.path.join(output, "history.csv"), "w", newline="") as f:
+    with atomic_output(os.path.join(output, "history.csv")) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         w.writerows(history)

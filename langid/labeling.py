@@ -8,14 +8,12 @@ resumes from the partial file and labels only what is missing.
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import math
 import os
 import re
 import shutil
 import time
-import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
@@ -27,7 +25,7 @@ from langid.audio import AudioError, load_audio
 from langid.inputs import MEMBER_SEP, Item, iter_archive
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.timeline import SWITCH_PENALTY, check_switch_penalty, merge_segments  # merge_segments: callers import it from here too
-from langid.uris import exists, is_uri, open_input, put_file, staging_path
+from langid.uris import atomic_output, exists, is_uri, open_input, put_file, remove_leftovers, staging_path
 
 BASE_COLUMNS = ["path", "language", "confidence", "top_languages", "duration", "windows", "windows_used",
                 "status", "error"]
@@ -315,12 +313,10 @@ def _check_header(path: str, columns: list[str]) -> None:
 
 
 def _rewrite(path: str, columns: list[str], rows: list) -> None:
-    tmp = hidden_temp(path)
-    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(columns)
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def filter_segments(path: str, done: set) -> None:
@@ -445,29 +441,8 @@ def _upload(job: LabelJob, local: LabelJob) -> None:
 
 
 def _download(uri: str, local: str) -> None:
-    tmp = hidden_temp(local)
-    with open_input(uri) as src, open(tmp, "wb") as dst:
+    with open_input(uri) as src, atomic_output(local) as tmp, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(tmp, local)
-
-
-def hidden_temp(path: str) -> str:
-    """A hidden temporary name beside `path`, unique to this writer; `remove_leftovers` finds it again."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
-def remove_leftovers(path: str) -> list[str]:
-    """Delete the hidden temporary files a killed writer of `path` left beside it; returns what went."""
-    folder, name = os.path.split(path)
-    gone = []
-    for leftover in glob.glob(os.path.join(glob.escape(folder or "."), glob.escape(f".{name}.") + "*.tmp")):
-        try:
-            os.remove(leftover)
-            gone.append(leftover)
-        except FileNotFoundError:
-            pass
-    return gone
 
 
 class Outputs:
@@ -664,6 +639,5 @@ def write_parquet(csv_path: str, parquet_path: str) -> None:
         except pa.ArrowInvalid:
             text = pa.array([b.decode("utf-8", "backslashreplace") for b in column.to_pylist()], pa.string())
         table = table.set_column(table.schema.get_field_index(name), name, text)
-    tmp = hidden_temp(parquet_path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, parquet_path)
+    with atomic_output(parquet_path) as tmp:
+        pq.write_table(table, tmp)

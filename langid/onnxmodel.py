@@ -12,10 +12,11 @@ import hashlib
 import io
 import os
 import threading
-import uuid
 import warnings
 
 import numpy as np
+
+from langid.uris import filesystem, write_atomic
 
 ONNX_FILE = "model.onnx"
 SHA_KEY = "langid.weights_sha256"
@@ -51,27 +52,12 @@ def export_onnx(model, input_shape: tuple, sha256: str) -> bytes:
     return proto.SerializeToString()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write under a hidden temporary name in the same folder, then rename: readers see the old file or the new one,
-    and of several processes exporting at once the last rename wins (all wrote the same model)."""
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def export_folder(model, folder: str, input_shape: tuple) -> str:
     """model.onnx beside the model.safetensors that `save_model` just wrote for `model` in `folder`."""
     from langid.model import WEIGHTS_FILE
 
     path = os.path.join(folder, ONNX_FILE)
-    write_atomic(path, export_onnx(model, input_shape, weights_sha256(os.path.join(folder, WEIGHTS_FILE))))
+    write_atomic(*filesystem(path), export_onnx(model, input_shape, weights_sha256(os.path.join(folder, WEIGHTS_FILE))))
     return path
 
 
@@ -150,7 +136,7 @@ def onnx_session(folder: str, device=None, threads: int = 0) -> tuple[object, di
     data = export_onnx(model, meta["feature_config"].shape, sha)
     for path in ([] if is_uri(folder) else [beside]) + [cached]:  # a URI's local copy is per process: not worth it
         try:
-            write_atomic(path, data)
+            write_atomic(*filesystem(path), data)
         except OSError:
             continue
         return _session(data, threads, device), meta, path

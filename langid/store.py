@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from langid.config import FeatureConfig
-from langid.uris import _join, filesystem, write_atomic
+from langid.uris import _join, filesystem, is_hidden_temp, write_atomic
 
 CONFIG_FILE = "feature_config.json"
 CONFIG_KEY = b"langid.feature_config"
@@ -146,12 +146,12 @@ class Store:
         return dataset.to_table(columns=columns, filter=filters)
 
     def remove_leftovers(self) -> int:
-        """Delete the hidden temporary files (`.<name>.<id>.tmp`, see uris.write_atomic) that writers killed before
-        their rename left in the store; returns how many. Run before a job's tasks start: none is writing then."""
+        """Delete the hidden temporary files (see uris.hidden_temp) that writers killed before their rename left in
+        the store; returns how many. Run before a job's tasks start: none is writing then."""
         sel = pafs.FileSelector(self.root, allow_not_found=True, recursive=True)
         gone = 0
         for info in self.fs.get_file_info(sel):
-            if info.type == pafs.FileType.File and info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+            if info.type == pafs.FileType.File and is_hidden_temp(info.base_name):
                 self.fs.delete_file(info.path)
                 gone += 1
         return gone

@@ -21,6 +21,8 @@ from typing import Iterable, Optional
 import numpy as np
 import soundfile as sf
 
+from langid.uris import atomic_output
+
 SYNTH_RATE = 22050
 FRAGMENT_SECONDS = 10
 FRAGMENT_SAMPLES = SYNTH_RATE * FRAGMENT_SECONDS
@@ -344,14 +346,9 @@ def augment(recording: np.ndarray, fragment: int, kind: str, index: int, key: st
 
 
 def write_flac(path: str, samples: np.ndarray) -> None:
-    """Write 16-bit FLAC atomically: a temporary name not ending in .flac (scanners skip it), then rename."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    """Write 16-bit FLAC atomically (see uris.atomic_output: scanners skip the hidden temporary name)."""
+    with atomic_output(path) as tmp:
         sf.write(tmp, samples, SYNTH_RATE, format="FLAC", subtype="PCM_16")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------- corpus

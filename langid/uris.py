@@ -11,7 +11,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import BinaryIO, Optional, Union
+from contextlib import contextmanager, suppress
+from typing import BinaryIO, Iterator, Optional, Union
 
 import pyarrow.fs as pafs
 
@@ -40,18 +41,55 @@ def _join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts)
 
 
+def hidden_temp(path: str) -> str:
+    """A hidden temporary name beside `path` (`.<name>.<random>.tmp`), unique to its writer; readers skip it."""
+    parent, sep, name = path.rpartition("/")
+    return f"{parent}{sep}.{name}.{uuid.uuid4().hex}.tmp"
+
+
+def is_hidden_temp(name: str, of: str = "") -> bool:
+    """Whether a file name is a hidden temporary (of the file named `of`, when given) that a killed writer left."""
+    return name.startswith(f".{of}." if of else ".") and name.endswith(".tmp")
+
+
+@contextmanager
+def atomic_output(path: str, fs: Optional[pafs.FileSystem] = None) -> Iterator[str]:
+    """A hidden temporary name beside `path` (local, or in `fs`) to write: it replaces `path` when the block
+    succeeds and is removed when it fails, so readers see the old file or the new one, never half of one."""
+    local = fs is None or isinstance(fs, pafs.LocalFileSystem)
+    tmp = hidden_temp(path)
+    try:
+        yield tmp
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.move(tmp, path)
+    except BaseException:
+        with suppress(OSError):  # the block failed before creating it
+            if local:
+                os.remove(tmp)
+            else:
+                fs.delete_file(tmp)
+        raise
+
+
 def write_atomic(fs: pafs.FileSystem, path: str, source: Union[bytes, BinaryIO]) -> None:
-    """Write bytes (or stream a binary file) under a hidden temporary name beside the target, then rename."""
-    parent, name = path.rsplit("/", 1)
-    fs.create_dir(parent, recursive=True)
-    tmp = _join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
-    with fs.open_output_stream(tmp) as out:
+    """Write bytes (or stream a binary file) to `path` in `fs` atomically (see atomic_output), creating its folder."""
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    with atomic_output(path, fs) as tmp, fs.open_output_stream(tmp) as out:
         if isinstance(source, bytes):
             out.write(source)
         else:
             shutil.copyfileobj(source, out, COPY_CHUNK)
-    fs.move(tmp, path)
 
+
+def remove_leftovers(path: str) -> None:
+    """Delete the hidden temporaries that killed writers of the local file `path` left beside it."""
+    folder, name = os.path.split(path)
+    for leftover in os.listdir(folder or ".") if os.path.isdir(folder or ".") else []:
+        if is_hidden_temp(leftover, of=name):
+            with suppress(FileNotFoundError):  # another run removed it first
+                os.remove(os.path.join(folder, leftover))
 
 
 def put_file(local_path: str, location: str) -> None:

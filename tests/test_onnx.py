@@ -167,10 +167,10 @@ def test_read_only_folder_exports_into_the_cache(tmp_path, cache, monkeypatch, n
     sha = weights_sha256(str(folder / "model.safetensors"))
     real_write = onnxmodel.write_atomic
 
-    def write(path, data):  # as root, permissions do not stop a write: refuse as a read-only file system would
+    def write(fs, path, data):  # as root, permissions do not stop a write: refuse as a read-only file system would
         if os.path.dirname(path) == str(folder):
             raise PermissionError(13, "Permission denied", path)
-        real_write(path, data)
+        real_write(fs, path, data)
 
     monkeypatch.setattr(onnxmodel, "write_atomic", write)
     folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
