@@ -37,7 +37,7 @@ from common import (Poller, clocks, cpu_count, facts_line, load_average, machine
                     tree_cpu_seconds, write_results)
 
 from langid.audio import load_audio
-from langid.config import FeatureConfig
+from langid.config import MAX_SECONDS, FeatureConfig
 from langid.features import log_mel, windows
 from langid.preprocess import process_batch, run_preprocess
 from langid.sources import assign_splits, discover
@@ -48,7 +48,6 @@ SOURCE_RATE = 22050
 CLIP_SECONDS = 10.0
 LANGUAGES = ("de", "en", "es")
 FRAGMENTS_PER_RECORDING = 5
-MAX_SECONDS = 4 * 3600.0
 CACHE = os.environ.get("LANGID_BENCH_CLIPS", os.path.join(tempfile.gettempdir(), "langid-bench-clips"))
 GOAL_VS_LIMIT = 0.8
 GOAL_VS_WRITEUP = 5.0

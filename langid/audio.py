@@ -9,6 +9,7 @@ from typing import BinaryIO, Union
 import numpy as np
 import soundfile as sf
 
+from langid.config import MAX_SECONDS, FeatureConfig
 from langid.uris import is_uri, open_input
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
@@ -42,7 +43,7 @@ def dbfs(x: np.ndarray) -> float:
     return 20.0 * np.log10(max(rms, 1e-10))
 
 
-def decode(source: Source, max_seconds: float = 4 * 3600.0) -> tuple[np.ndarray, int, int]:
+def decode(source: Source, max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray, int, int]:
     """Read a file (path, bytes or binary file object) to mono float32; returns (samples, rate, channels).
 
     Reads block by block and downmixes as it goes, so a header that declares a huge length costs
@@ -136,7 +137,7 @@ def normalize(samples: np.ndarray, target_dbfs: float = TARGET_RMS_DBFS) -> np.n
     return out.astype(np.float32, copy=False)
 
 
-def from_array(samples: np.ndarray, rate: float, sample_rate: int = 16000) -> np.ndarray:
+def from_array(samples: np.ndarray, rate: float, sample_rate: int = FeatureConfig.sample_rate) -> np.ndarray:
     """Mono, level-normalised float32 at `sample_rate` from an array of (frames,) or (frames, channels) at `rate`.
 
     Raises AudioError for an array that cannot be audio (empty, NaN/inf, more than two dimensions).
@@ -156,7 +157,8 @@ def from_array(samples: np.ndarray, rate: float, sample_rate: int = 16000) -> np
     return resample(normalize(x), rate, sample_rate)
 
 
-def load_audio(source: Source, sample_rate: int = 16000, max_seconds: float = 4 * 3600.0) -> Audio:
+def load_audio(source: Source, sample_rate: int = FeatureConfig.sample_rate,
+               max_seconds: float = MAX_SECONDS) -> Audio:
     """Decode, downmix to mono, resample to `sample_rate` and normalise level."""
     raw, rate, channels = decode(source, max_seconds=max_seconds)
     peak = float(np.max(np.abs(raw)))

@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import replace
 
-from langid.config import ARCHITECTURES, FeatureConfig
+from langid.config import ARCHITECTURES, MAX_SECONDS, FeatureConfig
 
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
 
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray CPUs reserved per task (default %(default)s)")
     p.add_argument("--memory-per-task", type=memory_size, default=0,
                    help="memory reserved per task for Ray's scheduler, e.g. 2G (default: none reserved)")
-    p.add_argument("--max-seconds", type=float, default=4 * 3600.0,
+    p.add_argument("--max-seconds", type=float, default=MAX_SECONDS,
                    help="refuse files longer than this many seconds (default %(default)s)")
     _add_feature_flags(p)
     _add_ray_flags(p)
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segments", help="also write a per-segment timeline CSV here (start, end, language)")
     p.add_argument("--parquet", help="also write the result as Parquet with the full probability vector")
     p.add_argument("--all-files", action="store_true", help="label every file, not only audio extensions")
-    p.add_argument("--max-seconds", type=float, default=4 * 3600.0, help="refuse longer files (default %(default)s)")
+    p.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="refuse longer files (default %(default)s)")
     p.add_argument("--actors", type=int, default=1, help="model actors (default %(default)s)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="(default %(default)s)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 1 on GPU nodes (default %(default)s)")

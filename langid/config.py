@@ -23,6 +23,7 @@ MAX_SAMPLE_RATE = 384_000
 MAX_FFT = 1 << 16
 MAX_MELS = 2048
 MAX_WINDOW_VALUES = 1 << 26  # samples of one window, and values of its STFT or mel spectrogram
+MAX_SECONDS = 4 * 3600.0  # longest audio file decoded (--max-seconds): a longer one is refused, not read into memory
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
+from langid.config import MAX_SECONDS
 from langid.inputs import MEMBER_SEP, Item, iter_archive
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.timeline import SWITCH_PENALTY, check_switch_penalty, merge_segments  # merge_segments: callers import it from here too
@@ -42,7 +43,7 @@ class LabelOptions:
     top_k: int = 3
     overlap: float = 0.0  # fraction of a window shared with the next one, for long files
     probabilities: bool = False
-    max_seconds: float = 4 * 3600.0
+    max_seconds: float = MAX_SECONDS
     window_seconds: Optional[float] = None  # Whisper models: the window each answer looks at
     switch_penalty: float = SWITCH_PENALTY  # nats a language switch costs in the timeline
 

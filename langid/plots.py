@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from langid.config import FeatureConfig
+
 
 def _pyplot():
     # Selected here rather than at import so importing this module stays cheap and headless jobs never need a display.
@@ -93,7 +95,8 @@ def training_curves_png(history: list[dict], path) -> Path:
     return _save(fig, path)
 
 
-def spectrogram_png(spec, path, sample_rate: int = 16000, hop_length: int = 160, title: str | None = None) -> Path:
+def spectrogram_png(spec, path, sample_rate: int = FeatureConfig.sample_rate, hop_length: int = FeatureConfig.hop_length,
+                    title: str | None = None) -> Path:
     """(n_mels, frames) spectrogram in [0, 1] with time in seconds, mel bins and a colour bar."""
     plt = _pyplot()
     spec = np.asarray(spec)

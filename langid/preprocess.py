@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
-from langid.config import FeatureConfig
+from langid.config import MAX_SECONDS, FeatureConfig
 from langid.features import file_flags, flagged_window_features, to_png
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.sources import ManifestOptions, assign_splits, find_sources
@@ -22,7 +22,7 @@ FILE_KEYS = ("path", "language", "split", "recording_id", "speaker", "gender", "
              "augmentation_index")
 
 
-def process_file(record: dict, cfg: FeatureConfig, max_seconds: float = 4 * 3600.0):
+def process_file(record: dict, cfg: FeatureConfig, max_seconds: float = MAX_SECONDS):
     """(its windows as a record batch of WINDOW_SCHEMA, None) for a usable file, (None, reason) for one that is not.
 
     Columns are built whole (no dict per window): per-row Python objects cost more than the Parquet writing.
@@ -174,7 +174,7 @@ class PreprocessResult:
 
 
 def _compute(records: list[dict], store_uri: str, cfg: FeatureConfig, png: bool, shard_files: int,
-             num_cpus: float = 1.0, max_seconds: float = 4 * 3600.0, memory: int = 0,
+             num_cpus: float = 1.0, max_seconds: float = MAX_SECONDS, memory: int = 0,
              task_shards: int | None = None, attempts: Attempts | None = None) -> Iterator[pa.Table]:
     """The Ray Data pipeline over `records`: shards of `shard_files` files, grouped into tasks (`task_shards` each,
     or shards_per_task's sizes), each task writing its own shards; yields the tasks' per-file lines (path, ok,
@@ -211,7 +211,7 @@ def run_preprocess(
     png: bool = False,
     batch_size: int = 32,
     num_cpus: float = 1.0,
-    max_seconds: float = 4 * 3600.0,
+    max_seconds: float = MAX_SECONDS,
     progress: bool = True,
     split: str | None = None,
     memory: int = 0,
