@@ -62,11 +62,7 @@ def list_inputs(spec: str, all_files: bool = False) -> tuple[list[str], str]:
         with open(listfile, encoding="utf-8", errors="surrogateescape") as f:  # names need not be UTF-8
             return [line.rstrip("\r\n") for line in f if line.strip()], "list"
     if os.path.isdir(spec):
-        out = []
-        for dirpath, dirnames, filenames in os.walk(spec, followlinks=False):  # no symlink loops
-            dirnames.sort()
-            out += [os.path.join(dirpath, f) for f in sorted(filenames) if _wanted(f, all_files)]
-        return out, "directory"
+        return [p for p in list_files(spec) if _wanted(p, all_files)], "directory"
     if is_archive(spec):
         return [spec], "archive"
     if os.path.isfile(spec):

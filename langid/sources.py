@@ -10,7 +10,7 @@ import io
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 from pyarrow.fs import FileType
 
@@ -67,18 +67,9 @@ def parse_kaggle_name(name: str) -> dict:
     }
 
 
-def _walk(root: str, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[str]:
-    """All files under root with an audio extension, sorted; symlinked dirs are not followed (no loops)."""
-    exts = tuple(e.lower() for e in extensions)
-    if is_uri(root):
-        return [p for p in list_files(root) if p.lower().endswith(exts)]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for f in filenames:
-            if f.lower().endswith(exts):
-                out.append(os.path.join(dirpath, f))
-    return sorted(out)
+def _walk(root: str) -> list[str]:
+    """All files under root with an audio extension, sorted (uris.list_files)."""
+    return [p for p in list_files(root) if p.lower().endswith(AUDIO_EXTENSIONS)]
 
 
 def _relative(path: str, root: str) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 import numpy as np
 import soundfile as sf
 
-from langid.uris import atomic_output
+from langid.uris import atomic_output, list_files
 
 SYNTH_RATE = 22050
 FRAGMENT_SECONDS = 10
@@ -97,10 +97,9 @@ _LOCK = threading.Lock()  # espeak-ng has global state and is not thread-safe
 def available_languages() -> list[str]:
     """Language codes espeak-ng has a voice for (the `language` lines of espeak-ng-data/lang)."""
     codes = set()
-    for dirpath, _, files in os.walk(os.path.join(_data_path(), "lang")):
-        for f in files:
-            with open(os.path.join(dirpath, f), encoding="utf-8", errors="replace") as fh:
-                codes.update(line.split()[1].lower() for line in fh if re.match(r"language\s+\S", line))
+    for path in list_files(os.path.join(_data_path(), "lang")):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            codes.update(line.split()[1].lower() for line in fh if re.match(r"language\s+\S", line))
     return sorted(codes)
 
 

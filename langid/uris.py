@@ -109,12 +109,19 @@ def exists(location: str) -> bool:
 
 
 def list_files(location: str) -> list[str]:
-    """Every file under a folder or prefix, as URIs of the same scheme (sorted); hidden names are skipped."""
+    """Every file under a folder or prefix, as paths or URIs of the same scheme (sorted); hidden names are skipped
+    and links to folders are not followed (no loops)."""
+    if not is_uri(location):
+        # os.walk rather than pyarrow: it keeps names that are not UTF-8, and lists links to files (broken ones too)
+        found = []
+        for folder, subfolders, names in os.walk(location):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            found += [os.path.join(folder, n) for n in names if not n.startswith(".")]
+        return sorted(found)
     fs, root = filesystem(location)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     rel = lambda p: p[len(root.rstrip("/")) + 1:]
-    return sorted(_join(location, rel(i.path)) if is_uri(location) else i.path
-                  for i in infos if i.type == pafs.FileType.File
+    return sorted(_join(location, rel(i.path)) for i in infos if i.type == pafs.FileType.File
                   and not any(part.startswith(".") for part in rel(i.path).split("/")))
 
 
@@ -150,7 +157,7 @@ def publish_folder(local: str, location: str) -> None:
     if not is_uri(location) or os.path.abspath(local) == location:
         return
     fs, root = filesystem(location)
-    files = [os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names]
+    files = [os.path.relpath(p, local) for p in list_files(local)]
     for rel in sorted(files, key=lambda r: (os.path.basename(r) in LAST_FILES, r)):
         with open(os.path.join(local, rel), "rb") as f:
             write_atomic(fs, _join(root, rel.replace(os.sep, "/")), f)
