@@ -1,25 +1,32 @@
-"""The evaluation job: a model on a labelled store split -> metrics, confusion matrix, report."""
+"""The evaluation job: a model on a labelled store split -> metrics, confusion matrix, report; and the accuracy of
+labels on the files whose names tell their language."""
 from __future__ import annotations
 
 import csv
 import json
 import os
 import shutil
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from langid import metrics
 from langid.inference import LanguageIdentifier, load_model, restrict
+from langid.inputs import MEMBER_SEP
 from langid.store import WINDOWS, Store, StoreError, logmel_matrix
 from langid.uris import StagedFolder, local_folder
 
 
 def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", batch_size: Optional[int] = None,
                 progress: bool = True, candidates: Optional[list] = None):
-    """Per-file (paths, languages, speakers, log-probabilities) for a split, read one shard at a time; with
-    `candidates` (label indices), each window is renormalised over them first, as labeling does."""
+    """Per-file (paths, languages, speakers, scores) for a split, read one shard at a time; with `candidates` (label
+    indices), each window is renormalised over them first, as labeling does.
+
+    The scores are labeling's (metrics.aggregate_windows), NaN for a file without speech. A window is speech unless
+    its quality flags say 'silent'; the store gives every window its file's flags too, so a file whose source level
+    is below the silence level has no speech window."""
     from tqdm.auto import tqdm
 
     store = Store(store_uri)
@@ -28,7 +35,7 @@ def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", 
                 if ident.cfg.frontend == "whisper-mel" else "the model's settings (model.json: feature_config)")
         raise StoreError(f"{store_uri} was preprocessed with other features than the model's; "
                          f"preprocess again with {hint}")
-    paths, langs, speakers, lps, speech = [], [], [], [], []
+    tables, lps = [], []
     for shard in tqdm(store.shards(WINDOWS), desc=f"scoring {split}", unit="shard", disable=not progress):
         import pyarrow.dataset as ds
 
@@ -37,22 +44,16 @@ def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", 
             continue
         lp = ident.logprobs(logmel_matrix(table), batch_size)
         lps.append(lp if candidates is None else restrict(lp, candidates))
-        paths += table.column("path").to_pylist()
-        langs += table.column("language").to_pylist()
-        speakers += table.column("speaker").to_pylist()
-        speech += ["silent" not in (f or "") for f in table.column("quality_flags").to_pylist()]
-    if not paths:
+        tables.append(table.select(["path", "language", "speaker", "quality_flags"]))
+    if not tables:
         raise StoreError(f"{store_uri}: no windows in split {split!r}")
-    window_lp, speech = np.concatenate(lps), np.array(speech)
-    # a file's score: its speech windows, or all of them when none is speech (labeling answers "unknown" then)
-    has_speech = {p for p, s in zip(paths, speech) if s}
-    keep = np.array([s or p not in has_speech for p, s in zip(paths, speech)])
-    kept = [p for p, k in zip(paths, keep) if k]
-    files, file_lp = metrics.aggregate_windows(window_lp[keep], kept)
-    first = {}
-    for p, lang, spk in zip(paths, langs, speakers):
-        first.setdefault(p, (lang, spk))
-    return files, [first[f][0] for f in files], [first[f][1] for f in files], file_lp
+    windows = pa.concat_tables(tables)
+    silent = pc.match_substring(windows.column("quality_flags"), "silent").fill_null(False)
+    files, file_lp = metrics.aggregate_windows(np.concatenate(lps), windows.column("path").to_pylist(),
+                                               ~silent.to_numpy(zero_copy_only=False))
+    # in first-seen order, as aggregate_windows gives the files
+    first = windows.group_by("path", use_threads=False).aggregate([("language", "first"), ("speaker", "first")])
+    return files, first.column("language_first").to_pylist(), first.column("speaker_first").to_pylist(), file_lp
 
 
 def evaluate(model_dir: str, store_uri: str, output: str, split: str = "test", batch_size: Optional[int] = None,
@@ -69,17 +70,20 @@ def evaluate(model_dir: str, store_uri: str, output: str, split: str = "test", b
     files, langs, speakers, file_lp = score_store(ident, store_uri, split, batch_size, progress, idx)
     known = np.array([lang in labels for lang in langs])
     skipped = sorted({lang for lang, k in zip(langs, known) if not k})
-    files = [f for f, k in zip(files, known) if k]
-    speakers = [s for s, k in zip(speakers, known) if k]
-    y_true = np.array([labels.index(lang) for lang, k in zip(langs, known) if k])
-    file_lp = file_lp[known]
+    scored = ~np.isnan(file_lp).any(axis=1)  # the others are labeling's 'unknown': left out, and listed
+    no_speech = [f for f, k, s in zip(files, known, scored) if k and not s]
+    keep = known & scored
+    files = [f for f, k in zip(files, keep) if k]
+    speakers = [s for s, k in zip(speakers, keep) if k]
+    y_true = np.array([labels.index(lang) for lang, k in zip(langs, keep) if k])
+    file_lp = file_lp[keep]
     y_pred = file_lp.argmax(axis=1)
     report = metrics.classification_report(y_true, y_pred, labels)
     correct = int((y_true == y_pred).sum())
     low, high = metrics.accuracy_ci(correct, len(y_true))
     result = {
         "model": model_dir, "store": store_uri, "split": split, "files": len(files),
-        "languages_not_in_model": skipped,
+        "languages_not_in_model": skipped, "files_without_speech": no_speech,
         "accuracy": report["accuracy"], "accuracy_ci95": [low, high], "macro_f1": report["macro_f1"],
         "cavg": metrics.cavg(file_lp, y_true), "eer": _safe(metrics.eer, file_lp, y_true),
         "per_language": report["per_language"], "confusion_matrix": report["confusion_matrix"],
@@ -128,7 +132,7 @@ def write_report(r: dict, output: str, has_curves: bool, meta: dict) -> str:
         f"# langid evaluation: {os.path.basename(os.path.normpath(r['model']))} on {r['split']}",
         "",
         f"Model `{r['model']}` ({meta['architecture']}, languages {', '.join(r['labels'])}); "
-        f"store `{r['store']}`, split `{r['split']}`, {r['files']} files (a file's score averages its windows).",
+        f"store `{r['store']}`, split `{r['split']}`, {r['files']} files (a file's score averages its speech windows).",
         "",
         "| metric | value |", "|---|---|",
         f"| accuracy | {r['accuracy']:.4f} (95% CI {low:.4f}–{high:.4f}, Wilson) |",
@@ -145,6 +149,9 @@ def write_report(r: dict, output: str, has_curves: bool, meta: dict) -> str:
         lines.append(f"| {spk} | {m['n']} | {m['accuracy']:.4f} |")
     if r["languages_not_in_model"]:
         lines += ["", f"Files in languages the model does not know were left out: {', '.join(r['languages_not_in_model'])}."]
+    if r["files_without_speech"]:
+        lines += ["", f"{len(r['files_without_speech'])} files without speech, which labeling answers 'unknown', were "
+                  "left out (metrics.json: files_without_speech)."]
     lines += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)", "",
               "Counts in `confusion_matrix.csv` (rows: true language, columns: predicted)."]
     if has_curves:
@@ -153,3 +160,26 @@ def write_report(r: dict, output: str, has_curves: bool, meta: dict) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def true_language(key: str, labels: Sequence[str]) -> Optional[str]:
+    """The language a file's name or folder tells (Kaggle name, or a parent folder named after a language)."""
+    from langid.sources import BadName, parse_kaggle_name
+
+    name = key.split(MEMBER_SEP)[-1]
+    try:
+        return parse_kaggle_name(os.path.basename(name))["language"]
+    except BadName:
+        parts = name.replace("\\", "/").split("/")[:-1]
+        return next((p for p in reversed(parts) if p in labels), None)
+
+
+def accuracy_from_names(answers: Iterable[tuple[str, str]], labels: Sequence[str]) -> tuple[int, int]:
+    """(files whose name tells their language, of them answered with it) among (path, answer) pairs."""
+    known = correct = 0
+    for path, answer in answers:
+        truth = true_language(path, labels)
+        if truth is not None:
+            known += 1
+            correct += truth == answer
+    return known, correct

@@ -15,20 +15,18 @@ from langid.trainset import VALID, iter_split
 
 from langid.uris import atomic_output
 
-def calibrate(model: LangIdNet, store: str, labels: list[str], batch_size: int = 64) -> dict:
+def calibrate(model: LangIdNet, store: str, labels: list[str], cfg: FeatureConfig, batch_size: int = 64) -> dict:
     """Temperature scaling fitted on the validation windows (streamed), so reported confidences mean what they say."""
-    from langid.metrics import fit_temperature
+    from langid.inference import LanguageIdentifier
+    from langid.metrics import fit_temperature, nll
 
-    model.eval()
-    logits, ys = [], []
-    with torch.no_grad():
-        for x, y in iter_split(store, VALID, labels, batch_size):
-            logits.append(model(torch.from_numpy(x)[:, None]).numpy())
-            ys.append(y)
-    logits, y = np.concatenate(logits), np.concatenate(ys)
-    t = fit_temperature(logits, y)
-    nll = lambda temp: float(-torch.log_softmax(torch.from_numpy(logits) / temp, 1)[np.arange(len(y)), y].mean())
-    return {"temperature": t, "valid_nll_uncalibrated": nll(1.0), "valid_nll_calibrated": nll(t), "windows": len(y)}
+    # log-probabilities at temperature 1 are the logits less a constant per window: softmax(. / T) is the same
+    ident = LanguageIdentifier(model.eval(), {"labels": labels, "feature_config": cfg}, torch.device("cpu"))
+    pairs = [(ident.logprobs(x, batch_size), y) for x, y in iter_split(store, VALID, labels, batch_size)]
+    logprobs, y = (np.concatenate(part) for part in zip(*pairs))
+    t = fit_temperature(logprobs, y)
+    return {"temperature": t, "valid_nll_uncalibrated": nll(logprobs, y), "valid_nll_calibrated": nll(logprobs, y, t),
+            "windows": len(y)}
 
 
 def export_model(output: str, tc: TrainConfig, cfg: FeatureConfig, labels: list[str], progress: dict,
@@ -53,7 +51,7 @@ def export_model(output: str, tc: TrainConfig, cfg: FeatureConfig, labels: list[
         save_model(model, folder, labels, cfg, {**meta, "metrics": {"valid": progress["best"][stage_name]}})
     model = LangIdNet(tc.arch, len(labels), input_shape=cfg.shape)
     model.load_state_dict(best[last])
-    meta["calibration"] = calibrate(model, tc.store, labels)
+    meta["calibration"] = calibrate(model, tc.store, labels, cfg)
     save_model(model, output, labels, cfg, meta)
     export_folder(model, output, cfg.shape)
     history = progress["history"]

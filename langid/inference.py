@@ -70,9 +70,12 @@ class LanguageIdentifier:
     def decide(self, path: str, window_logprobs: np.ndarray, starts: np.ndarray, speech: np.ndarray,
                duration: float, languages: Optional[Sequence[str]] = None, min_confidence: float = 0.0,
                top_k: int = 3, switch_penalty: float = SWITCH_PENALTY) -> Prediction:
-        """A file's answer from its windows: mean log-probability over speech windows, restricted and gated.
+        """A file's answer from its windows: the file score over the candidates (metrics.aggregate_windows, the rule
+        evaluation scores by too), gated by `min_confidence`.
 
         The timeline is the speech windows' smoothed path; the answer does not depend on `switch_penalty`."""
+        from langid.metrics import aggregate_windows
+
         idx = self.candidate_indices(languages)
         speech = np.asarray(speech, dtype=bool)  # an empty list from a row would index as floats
         pred = Prediction(path=path, duration=duration, windows=len(starts), windows_used=int(speech.sum()))
@@ -82,11 +85,11 @@ class LanguageIdentifier:
         spoken = lp[speech]
         for s, row, j in zip(np.asarray(starts)[speech], spoken, smooth_path(spoken, switch_penalty)):
             pred.segments.append(Segment(float(s), float(min(s + win, duration)), names[j], float(np.exp(row[j]))))
-        if not speech.any():
+        score = aggregate_windows(lp, [path] * len(lp), speech)[1]  # this file's row; none without windows
+        if not np.isfinite(score).any():
             pred.language, pred.error = UNKNOWN, "no speech found"
             return pred
-        mean = lp[speech].mean(axis=0)
-        probs = np.exp(mean - np.logaddexp.reduce(mean))
+        probs = np.exp(score[0])
         order = np.argsort(-probs)
         pred.probabilities = {names[i]: float(probs[i]) for i in range(len(names))}
         pred.top = [(names[i], float(probs[i])) for i in order[:top_k]]

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
 from langid.config import MAX_SECONDS
-from langid.inputs import MEMBER_SEP, Item, iter_archive
+from langid.inputs import Item, iter_archive
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.timeline import SWITCH_PENALTY, check_switch_penalty, merge_segments  # merge_segments: callers import it from here too
 from langid.uris import atomic_output, exists, is_uri, open_input, put_file, remove_leftovers, staging_path
@@ -355,18 +355,6 @@ class LabelResult:
                 f"in {self.seconds:.1f} s, {self.errors} errors. Languages: {langs or 'none'}{acc}")
 
 
-def true_language(key: str, labels: Sequence[str]) -> Optional[str]:
-    """The language a file's name or folder tells (Kaggle name, or a parent folder named after a language)."""
-    from langid.sources import BadName, parse_kaggle_name
-
-    name = key.split(MEMBER_SEP)[-1]
-    try:
-        return parse_kaggle_name(os.path.basename(name))["language"]
-    except BadName:
-        parts = name.replace("\\", "/").split("/")[:-1]
-        return next((p for p in reversed(parts) if p in labels), None)
-
-
 @dataclass
 class LabelJob:
     """One labeling run: what to label, where the answers go, how to answer, and the resources to use."""
@@ -607,17 +595,19 @@ def _decode_memory(job: LabelJob) -> int:
 
 
 def _summarise(output: str, labels: Sequence[str], result: LabelResult) -> None:
-    with open(output, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        for row in csv.DictReader(f):
+    from langid.evaluation import accuracy_from_names  # here: the decoding tasks import this module, without torch
+
+    def answers(rows):
+        for row in rows:
             result.total += 1
             if row["status"] != "ok":
                 result.errors += 1
                 continue
             result.per_language[row["language"]] = result.per_language.get(row["language"], 0) + 1
-            truth = true_language(row["path"], labels)
-            if truth is not None:
-                result.known += 1
-                result.correct += truth == row["language"]
+            yield row["path"], row["language"]
+
+    with open(output, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        result.known, result.correct = accuracy_from_names(answers(csv.DictReader(f)), labels)
 
 
 def write_parquet(csv_path: str, parquet_path: str) -> None:

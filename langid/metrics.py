@@ -5,23 +5,26 @@ import warnings
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-from scipy.special import logsumexp
-from scipy.stats import norm
+from scipy.special import log_softmax, logsumexp
 
 
-def aggregate_windows(window_logprobs: np.ndarray, file_ids: Sequence[Hashable]) -> tuple[list, np.ndarray]:
-    """Per-file log-probabilities: log-softmax of the mean of the file's window log-probabilities.
+def aggregate_windows(window_logprobs: np.ndarray, file_ids: Sequence[Hashable], speech) -> tuple[list, np.ndarray]:
+    """The file score, one rule for labeling and evaluation: the log-softmax of the mean log-probability of the file's
+    speech windows; a file without one has none (a row of NaN): labeling answers 'unknown', evaluation leaves it out.
 
     Returns (file ids in first-seen order, array (n_files, n_classes)).
     """
     w = np.asarray(window_logprobs, dtype=np.float64)
-    if w.ndim != 2 or len(w) != len(file_ids):
-        raise ValueError(f"expected (n_windows, n_classes) with {len(file_ids)} rows, got {w.shape}")
+    speech = np.asarray(speech, dtype=bool)
+    if w.ndim != 2 or not len(w) == len(file_ids) == len(speech):
+        raise ValueError(f"expected (n_windows, n_classes) with {len(file_ids)} rows and as many speech flags, "
+                         f"got {w.shape} and {speech.shape}")
     index: dict = {}
-    inverse = np.array([index.setdefault(f, len(index)) for f in file_ids], dtype=np.int64)
+    inverse = np.array([index.setdefault(f, len(index)) for f in file_ids], dtype=np.int64)[speech]
     sums = np.zeros((len(index), w.shape[1]))
-    np.add.at(sums, inverse, w)
-    mean = sums / np.bincount(inverse, minlength=len(index))[:, None]
+    np.add.at(sums, inverse, w[speech])
+    counts = np.bincount(inverse, minlength=len(index))[:, None]
+    mean = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
     return list(index), mean - logsumexp(mean, axis=1, keepdims=True)
 
 
@@ -55,13 +58,12 @@ def classification_report(y_true, y_pred, labels: list[str]) -> dict:
 
 def accuracy_ci(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion; (0, 1) when there are no trials."""
+    from scipy.stats import binomtest
+
     if total <= 0:
         return 0.0, 1.0
-    z = norm.ppf(0.5 + confidence / 2)
-    p, z2n = correct / total, z * z / total
-    centre = (p + z2n / 2) / (1 + z2n)
-    half = z / (1 + z2n) * np.sqrt(p * (1 - p) / total + z2n / (4 * total))
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    ci = binomtest(correct, total).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def eer(scores: np.ndarray, y_true) -> float:
@@ -125,25 +127,24 @@ def cavg(logprobs: np.ndarray, y_true, p_target: float = 0.5, threshold: float |
 
 def per_group_accuracy(y_true, y_pred, groups: Sequence[Hashable]) -> dict:
     """{group: {"n": trials, "accuracy": fraction correct}} in first-seen group order (e.g. per speaker)."""
-    correct = np.asarray(y_true) == np.asarray(y_pred)
-    out: dict = {}
-    for g, ok in zip(groups, correct):
-        key = g.item() if isinstance(g, np.generic) else g  # plain Python keys stay JSON-serialisable
-        n, c = out.get(key, (0, 0))
-        out[key] = (n + 1, c + int(ok))
-    return {g: {"n": n, "accuracy": c / n} for g, (n, c) in out.items()}
+    import pyarrow as pa
+
+    trials = pa.table({"group": pa.array(groups), "correct": np.asarray(y_true) == np.asarray(y_pred)})
+    counts = trials.group_by("group", use_threads=False).aggregate([("correct", "count"), ("correct", "mean")])
+    columns = (counts.column(name).to_pylist() for name in ("group", "correct_count", "correct_mean"))
+    return {g: {"n": n, "accuracy": a} for g, n, a in zip(*columns)}
+
+
+def nll(logits: np.ndarray, y_true, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true classes under softmax(logits / temperature)."""
+    y = np.asarray(y_true)
+    return float(-log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)[np.arange(len(y)), y].mean())
 
 
 def fit_temperature(logits: np.ndarray, y_true) -> float:
     """Temperature T minimising the NLL of softmax(logits / T) (Guo et al. 2017), searched over log T."""
     from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax
 
-    y = np.asarray(y_true)
-    logits = np.asarray(logits, dtype=np.float64)
-
-    def nll(log_t: float) -> float:
-        return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean())
-
-    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    res = minimize_scalar(lambda log_t: nll(logits, y_true, np.exp(log_t)), bounds=(np.log(0.05), np.log(20.0)),
+                          method="bounded")
     return float(np.exp(res.x))

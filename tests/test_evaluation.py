@@ -75,6 +75,25 @@ def store(ray_local, tmp_path_factory):
     return base / "store"
 
 
+@pytest.fixture(scope="module")
+def silent_store(ray_local, tmp_path_factory):
+    """A store whose test split holds MIXED, a file silent throughout and a file without silence (each language
+    has a training recording too, for `random_model`)."""
+    from langid.preprocess import run_preprocess
+
+    corpus = tmp_path_factory.mktemp("silentstore") / "corpus"
+    for seed, (lang, (lo, hi)) in enumerate(BANDS.items()):
+        write_wav(corpus / "train" / "train" / kaggle_name(lang, "m", lang), band_noise(lo, hi, 2.0, seed), RATE)
+    test = corpus / "test" / "test"
+    write_wav(test / kaggle_name("aa", "m", MIXED),
+              np.concatenate([band_noise(*BANDS["aa"], 2.0, 10), np.zeros(RATE, np.float32)]), RATE)
+    write_wav(test / kaggle_name("aa", "f", "silent"), np.zeros(3 * RATE, np.float32), RATE)
+    write_wav(test / kaggle_name("bb", "f", "sound"), band_noise(*BANDS["bb"], 2.0, 11), RATE)
+    res = run_preprocess(str(corpus), str(corpus.parent / "store"), CFG, progress=False)
+    assert res.failed == 0, res.errors
+    return corpus.parent / "store", sorted(test.iterdir())
+
+
 def split_windows(store_dir: Path, split: str = "test") -> pd.DataFrame:
     table = Store(str(store_dir)).read(WINDOWS, filters=pc.field("split") == split)
     df = table.drop_columns(["logmel"]).to_pandas()
@@ -195,10 +214,10 @@ def test_evaluate_outputs_agree_with_each_other_and_the_store(store, tmp_path):
     assert np.trace(cm) == correct
     assert (out / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
-    # the report names the accuracy and its interval
+    # the report's accuracy row gives the accuracy and its interval
     report = (out / "report.md").read_text()
-    assert "accuracy" in report
-    assert f"{metrics['accuracy']:.4f} (95% CI {low:.4f}–{high:.4f}, Wilson)" in report
+    row = next(line for line in report.splitlines() if line.startswith("| accuracy |"))
+    assert all(f"{x:.4f}" in row for x in (metrics["accuracy"], low, high))
     assert "confusion_matrix.png" in report and f"{n} files" in report
 
 
@@ -277,5 +296,30 @@ def test_evaluate_job_command_line(store, tmp_path):
     r = subprocess.run(job, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert f"test: {metrics['files']} files, accuracy {metrics['accuracy']:.4f}" in r.stdout
-    assert str(out / "report.md") in r.stdout
+    assert all(fact in r.stdout for fact in (f"{metrics['files']} files", f"{metrics['accuracy']:.4f}",
+                                              str(out / "report.md")))
+
+
+def test_labeling_and_evaluation_answer_alike_for_files_with_silence(silent_store, tmp_path):
+    """One file score for both: the same language and probabilities from the speech windows, and for a file with
+    none, labeling's 'unknown' where evaluation leaves the file out."""
+    store, files = silent_store
+    model_dir = random_model(store, tmp_path / "model")
+    r = evaluate(str(model_dir), str(store), str(tmp_path / "report"), progress=False)
+    evaluated = pd.read_csv(tmp_path / "report" / "predictions.csv").set_index("path")
+    flags = split_windows(store).groupby("path").quality_flags
+    windows, silent = flags.size(), flags.agg(lambda f: int(f.fillna("").str.contains("silent").sum()))
+    assert sorted((silent / windows).tolist()) == [0, 1 / 3, 1]  # the premise: no, one and every window silent
+    labelled = load_identifier(str(model_dir), device="cpu").predict_many(files)
+    for path, label in zip(files, labelled):
+        key = next(k for k in windows.index if k.endswith(path.name))
+        assert (label.windows, label.windows_used) == (windows[key], windows[key] - silent[key])
+        if silent[key] == windows[key]:
+            assert (label.language, label.error) == ("unknown", "no speech found")
+            assert r["files_without_speech"] == [key] and key not in evaluated.index
+            continue
+        row = evaluated.loc[key]
+        assert label.language == row.predicted
+        got = row[[f"p_{x}" for x in LABELS]].to_numpy(float)
+        np.testing.assert_allclose([label.probabilities[x] for x in LABELS], got, atol=5e-5, err_msg=key)
+    assert r["files"] == len(evaluated) == 2 and "without speech" in (tmp_path / "report" / "report.md").read_text()
