@@ -7,7 +7,7 @@ One invocation, one generated corpus (the preprocessing benchmark's 10-s 22,050 
     + the same Parquet shards) for preprocessing, LanguageIdentifier.predict_many (one torch thread) for labeling;
   * Ray embedded with 1 and with 2 CPUs: the real jobs (jobs/preprocess.py, jobs/label.py --num-cpus N),
     each run a fresh process that starts its own Ray, as a user runs them;
-  * the two-node local cluster (langid.localcluster: a head and a worker node of 1 CPU each, separate
+  * the two-node local cluster (tests/support/localcluster.py: a head and a worker node of 1 CPU each, separate
     `ray start` processes on loopback): the same jobs through `ray job submit`.
 Every rate is files per wall second, as a ratio to the baseline measured in the same run.
 
@@ -30,6 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 from common import cpu_count, facts_line, load_average, machine_facts, markdown_table, write_results  # noqa: E402
 from label import Poller, RowClock, bench_limit, random_model  # noqa: E402
@@ -174,7 +175,7 @@ def run_embedded(cpus: int, timeout: float, **kw) -> dict:
 
 
 def run_cluster(timeout: float, **kw) -> dict:
-    from langid.localcluster import LocalCluster
+    from support.localcluster import LocalCluster
 
     print("two-node local cluster ...", file=sys.stderr)
     submissions = []  # (time submitted, time the CLI returned, its output) per job
@@ -206,7 +207,7 @@ def submitted_jobs(cluster) -> dict:
     """submission id -> Ray's record of the job (start and end times in ms), or {} if Ray does not say."""
     import json
 
-    from langid.localcluster import ClusterError
+    from support.localcluster import ClusterError
 
     try:
         jobs = json.loads(cluster.ray_cli("list", "jobs", f"--address={cluster.dashboard}", "--format=json",

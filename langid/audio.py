@@ -10,6 +10,7 @@ import numpy as np
 import soundfile as sf
 
 from langid.config import MAX_SECONDS, FeatureConfig
+from langid.errors import UserError
 from langid.uris import is_uri, open_input
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
@@ -23,7 +24,7 @@ MAX_SOURCE_RATE = 768_000
 Source = Union[str, os.PathLike, BinaryIO, bytes]
 
 
-class AudioError(Exception):
+class AudioError(UserError):
     """A file that cannot be used as audio; the message is the one-line reason shown to users."""
 
 

@@ -7,12 +7,9 @@ import sys
 from dataclasses import replace
 
 from langid.config import ARCHITECTURES, MAX_SECONDS, FeatureConfig
+from langid.errors import UserError
 
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing input); printed as one line, exit status 2."""
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError)  # on paths the user gave: one line too
 
 
 def _add_ray_flags(p: argparse.ArgumentParser) -> None:
@@ -24,7 +21,7 @@ def _add_ray_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_answer_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--languages", help="answer only among these, e.g. en,de")
+    p.add_argument("--languages", type=_names, help="answer only among these, e.g. en,de")
     p.add_argument("--min-confidence", type=_probability, default=0.0, help="below this, the answer is 'unknown'")
     p.add_argument("--top-k", type=_positive_int, default=3,
                    help="languages listed with their probabilities (default %(default)s)")
@@ -123,7 +120,7 @@ def cmd_preprocess(a: argparse.Namespace) -> int:
     cfg = _feature_config(a)
     manifest = ManifestOptions(a.min_confidence, a.group_by)
     if not exists(a.input):  # before Ray starts: a typo costs no start-up
-        raise FileNotFoundError(f"{a.input}: no such directory or manifest file")
+        raise UserError(f"{a.input}: no such directory or manifest file")
     how = init_ray(a.address, a.num_cpus, verbose=a.verbose)
     if a.verbose:
         print(f"langid preprocess: {how}", file=sys.stderr)
@@ -152,24 +149,36 @@ def memory_size(text: str) -> int:
     return int(value)
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(eval_fraction(x)) for x in text.split(",")]
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def _per_stage(positive: bool = False):
+    """argparse type: three comma-separated numbers, one per stage (fractions such as 1e-3/3 too), each >= 0,
+    or > 0 when `positive`."""
+    def parse(text: str) -> list[float]:
+        try:
+            values = [_fraction(x) for x in text.split(",")]
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        if len(values) != 3:
+            raise argparse.ArgumentTypeError(f"takes three comma-separated values (one per stage), got {len(values)}")
+        if not all(v > 0 if positive else v >= 0 for v in values):  # NaN too
+            raise argparse.ArgumentTypeError(f"takes values {'>' if positive else '>='} 0, got {text}")
+        return values
+
+    return parse
 
 
-def eval_fraction(x: str) -> float:
+def _fraction(x: str) -> float:
     num, _, den = x.strip().partition("/")
     return float(num) / float(den) if den else float(num)
 
 
-def _three(name: str, values: list[float]) -> list[float]:
-    if len(values) != 3:
-        raise UserError(f"{name} takes three comma-separated values (one per stage), got {len(values)}")
-    if any(v < 0 for v in values):
-        raise UserError(f"{name} takes values >= 0, got {values}")
-    return values
+def _epochs(text: str) -> list[int]:
+    """argparse type: whole epochs per stage, three comma-separated, at least one stage with an epoch."""
+    values = _per_stage()(text)
+    if not all(v.is_integer() for v in values):
+        raise argparse.ArgumentTypeError(f"epochs are whole numbers, got {text}")
+    if not any(values):
+        raise argparse.ArgumentTypeError("at least one stage needs an epoch")
+    return [int(v) for v in values]
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -177,13 +186,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from langid.runtime import init_ray
     from langid.training import TrainConfig, default_schedule, run_lr_find, run_training
 
-    epochs = [int(e) for e in _three("--epochs", a.epochs)]
-    if not any(epochs):
-        raise UserError("--epochs: at least one stage needs an epoch")
-    divisors = _three("--lr-divisors", a.lr_divisors)
-    if not all(d > 0 for d in divisors):  # each group's rate is lr / divisor
-        raise UserError(f"--lr-divisors takes values > 0, got {divisors}")
-    stages = default_schedule(epochs, _three("--lr", a.lr), divisors)
+    stages = default_schedule(a.epochs, a.lr, a.lr_divisors)
     tc = TrainConfig(store=a.store, output=a.output, arch=a.arch, stages=stages, batch_size=a.batch_size,
                      workers=a.workers, gpu=bool(a.gpu), amp=a.amp, cpus_per_worker=a.cpus_per_worker,
                      memory_per_worker=a.memory_per_worker, seed=a.seed, spec_augment=not a.no_spec_augment,
@@ -214,7 +217,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from langid.evaluation import evaluate
 
     r = evaluate(a.model, a.store, a.output, a.split, a.batch_size, progress=not a.quiet,
-                 window_seconds=a.whisper_window, languages=_languages(a.languages), backend=a.backend)
+                 window_seconds=a.whisper_window, languages=a.languages, backend=a.backend)
     low, high = r["accuracy_ci95"]
     eer = "n/a" if r["eer"] is None else f"{r['eer']:.4f}"
     print(f"{r['split']}: {r['files']} files, accuracy {r['accuracy']:.4f} (95% CI {low:.3f}-{high:.3f}), "
@@ -228,8 +231,8 @@ def cmd_label(a: argparse.Namespace) -> int:
     from langid.labeling import LabelJob, LabelOptions, label
     from langid.runtime import init_ray
 
-    check_languages(_languages(a.languages), describe_model(a.model, a.whisper_window)["labels"])  # before Ray starts
-    opts = LabelOptions(languages=_languages(a.languages), min_confidence=a.min_confidence, top_k=a.top_k,
+    check_languages(a.languages, describe_model(a.model, a.whisper_window)["labels"])  # before Ray starts
+    opts = LabelOptions(languages=a.languages, min_confidence=a.min_confidence, top_k=a.top_k,
                         overlap=a.overlap, probabilities=a.probabilities, max_seconds=a.max_seconds,
                         window_seconds=a.whisper_window, switch_penalty=a.switch_penalty)
     job = LabelJob(a.model, a.input, a.output, opts, segments=a.segments, parquet=a.parquet, all_files=a.all_files,
@@ -243,7 +246,8 @@ def cmd_label(a: argparse.Namespace) -> int:
     return 0
 
 
-def _languages(text: str | None) -> list[str] | None:
+def _names(text: str) -> list[str] | None:
+    """argparse type: comma-separated names such as en,de."""
     return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
@@ -253,7 +257,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from langid.inference import load_model
 
     ident = load_model(a.model, a.device, window_seconds=a.whisper_window, backend=a.backend)
-    preds = ident.predict_many(a.files, languages=_languages(a.languages), min_confidence=a.min_confidence,
+    preds = ident.predict_many(a.files, languages=a.languages, min_confidence=a.min_confidence,
                                top_k=a.top_k, switch_penalty=a.switch_penalty)
     if a.json:
         print(json.dumps([p.to_dict() for p in preds], indent=2))
@@ -308,9 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="store written by preprocess (train and valid splits)")
     p.add_argument("--output", required=True, help="model folder to write")
     p.add_argument("--arch", default="resnet152", choices=ARCHITECTURES, help="torchvision ResNet (default %(default)s)")
-    p.add_argument("--epochs", type=_floats, default=[7, 12, 8], help="epochs per stage (default 7,12,8)")
-    p.add_argument("--lr", type=_floats, default=[1e-2, 1e-3, 1e-4], help="learning rate per stage (default 1e-2,1e-3,1e-4)")
-    p.add_argument("--lr-divisors", type=_floats, default=[9, 6, 1],
+    p.add_argument("--epochs", type=_epochs, default=[7, 12, 8], help="epochs per stage (default 7,12,8)")
+    p.add_argument("--lr", type=_per_stage(), default=[1e-2, 1e-3, 1e-4],
+                   help="learning rate per stage (default 1e-2,1e-3,1e-4)")
+    p.add_argument("--lr-divisors", type=_per_stage(positive=True), default=[9, 6, 1],
                    help="stage 2: lr divided by these for early body, late body, head (default 9,6,1)")
     p.add_argument("--batch-size", type=int, default=32, help="per worker (default %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default %(default)s)")
@@ -339,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="store written by preprocess")
     p.add_argument("--output", required=True, help="folder for report.md, metrics.json and the figures")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="(default %(default)s)")
-    p.add_argument("--languages", help="score answers among these only, e.g. en,de,es (as label --languages)")
+    p.add_argument("--languages", type=_names,
+                   help="score answers among these only, e.g. en,de,es (as label --languages)")
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: the backend's)")
     _add_backend_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -387,14 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from langid.model import ModelError
-    from langid.store import StoreError
-
-    from langid.whisper import WhisperError
-
     try:
         return args.func(args)
-    except (UserError, StoreError, ModelError, WhisperError, *USER_ERRORS) as e:
+    except (UserError, *PATH_ERRORS) as e:
         if os.environ.get("LANGID_DEBUG"):  # the traceback behind a one-line error, for bug reports
             raise
         print(f"langid {args.command}: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from langid.errors import BadValue
 from langid.whisper import HOP_LENGTH as WHISPER_HOP, N_FFT as WHISPER_FFT, SAMPLE_RATE as WHISPER_RATE
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mlp")  # mlp: on encoder embeddings
@@ -49,34 +50,34 @@ class FeatureConfig:
 
     def __post_init__(self):
         if self.frontend not in FRONTENDS:
-            raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, got {self.frontend!r}")
+            raise BadValue(f"frontend must be one of {', '.join(FRONTENDS)}, got {self.frontend!r}")
         if (self.frontend == "logmel") != (self.whisper == ""):
-            raise ValueError("a whisper-* frontend needs a Whisper model name, and only it")
+            raise BadValue("a whisper-* frontend needs a Whisper model name, and only it")
         if (self.frontend == "whisper-encoder") != (self.embed_dim > 0):
-            raise ValueError("embed_dim is set for the whisper-encoder frontend, and only for it")
+            raise BadValue("embed_dim is set for the whisper-encoder frontend, and only for it")
         if self.frontend != "logmel" and (self.sample_rate, self.n_fft, self.hop_length) != WHISPER_STFT:
-            raise ValueError(f"Whisper's features take (sample_rate, n_fft, hop_length) = {WHISPER_STFT}")
+            raise BadValue(f"Whisper's features take (sample_rate, n_fft, hop_length) = {WHISPER_STFT}")
         for f in dataclasses.fields(self):
             if f.name in TEXT_KEYS:
                 continue
             if not math.isfinite(getattr(self, f.name)):
-                raise ValueError(f"{f.name} must be a finite number, got {getattr(self, f.name)!r}")
+                raise BadValue(f"{f.name} must be a finite number, got {getattr(self, f.name)!r}")
         if self.sample_rate <= 0 or self.window_seconds <= 0:
-            raise ValueError("sample_rate and window_seconds must be positive")
+            raise BadValue("sample_rate and window_seconds must be positive")
         if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:
-            raise ValueError(f"need 0 <= fmin < fmax <= sample_rate/2, got fmin={self.fmin} fmax={self.fmax}")
+            raise BadValue(f"need 0 <= fmin < fmax <= sample_rate/2, got fmin={self.fmin} fmax={self.fmax}")
         if self.hop_length <= 0 or self.n_fft <= 0 or self.n_mels <= 0:
-            raise ValueError("n_fft, hop_length and n_mels must be positive")
+            raise BadValue("n_fft, hop_length and n_mels must be positive")
         if self.db_ceil <= self.db_floor:
-            raise ValueError("db_ceil must be above db_floor")
+            raise BadValue("db_ceil must be above db_floor")
         if self.top_db < 0:
-            raise ValueError(f"top_db must be >= 0, got {self.top_db}")
+            raise BadValue(f"top_db must be >= 0, got {self.top_db}")
         if self.sample_rate > MAX_SAMPLE_RATE or max(self.n_fft, self.hop_length) > MAX_FFT or self.n_mels > MAX_MELS:
-            raise ValueError(f"need sample_rate <= {MAX_SAMPLE_RATE}, n_fft and hop_length <= {MAX_FFT}, n_mels <= "
+            raise BadValue(f"need sample_rate <= {MAX_SAMPLE_RATE}, n_fft and hop_length <= {MAX_FFT}, n_mels <= "
                              f"{MAX_MELS}; got {self.sample_rate}, {self.n_fft}, {self.hop_length}, {self.n_mels}")
         values = max(self.window_samples, max(1 + self.n_fft // 2, self.n_mels) * self.window_frames)
         if values > MAX_WINDOW_VALUES:
-            raise ValueError(f"one window would hold {values:,} values (limit {MAX_WINDOW_VALUES:,}); "
+            raise BadValue(f"one window would hold {values:,} values (limit {MAX_WINDOW_VALUES:,}); "
                              "shorten window_seconds or raise hop_length")
 
     @property

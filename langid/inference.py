@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from langid.audio import AudioError, from_array, load_audio
+from langid.errors import BadValue
 from langid.features import window_features
 from langid.model import load_model as _load_weights
 from langid.onnxmodel import INPUT, OUTPUT, cuda_available as _ort_cuda, log_softmax, onnx_session
@@ -177,7 +178,7 @@ def check_languages(languages: Optional[Sequence[str]], labels: Sequence[str]) -
     """Candidate languages must be ones the model knows."""
     unknown = [x for x in languages or () if x not in labels]
     if unknown:
-        raise ValueError(f"languages {','.join(unknown)} are not in the model (it knows {','.join(labels)})")
+        raise BadValue(f"languages {','.join(unknown)} are not in the model (it knows {','.join(labels)})")
 
 
 def load_model(path: str, device: Optional[str] = None, window_seconds: Optional[float] = None,
@@ -219,7 +220,7 @@ def describe_model(path: str, window_seconds: Optional[float] = None) -> dict:
 
 def _no_window(window_seconds: Optional[float]) -> None:
     if window_seconds is not None:
-        raise ValueError("a window length is given to Whisper models only; a trained model keeps its own")
+        raise BadValue("a window length is given to Whisper models only; a trained model keeps its own")
 
 
 class WhisperIdentifier(LanguageIdentifier):

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 from pyarrow.fs import FileType
 
 from langid.audio import AUDIO_EXTENSIONS
+from langid.errors import BadValue
 from langid.uris import is_uri, kind, list_files
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
@@ -51,7 +52,7 @@ def list_inputs(spec: str, all_files: bool = False) -> tuple[list[str], str]:
             return [p for p in list_files(spec) if _wanted(p, all_files)], "directory"
         if found == FileType.File:
             if spec.lower().endswith(ARCHIVE_SUFFIXES):
-                raise ValueError(f"{spec}: archives are read from a local path; copy it to the node first")
+                raise BadValue(f"{spec}: archives are read from a local path; copy it to the node first")
             return [spec], "file"
         raise FileNotFoundError(f"{spec}: no such file or folder")
     if any(c in spec for c in "*?[") and not os.path.exists(spec):

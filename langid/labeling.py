@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
+from langid.errors import BadValue
 from langid.config import MAX_SECONDS
 from langid.inputs import Item, iter_archive
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
@@ -49,11 +50,11 @@ class LabelOptions:
 
     def __post_init__(self):
         if not 0 <= self.overlap < 1:
-            raise ValueError("--overlap must be in [0, 1)")
+            raise BadValue("--overlap must be in [0, 1)")
         if not 0 <= self.min_confidence <= 1:
-            raise ValueError("--min-confidence must be in [0, 1]")
+            raise BadValue("--min-confidence must be in [0, 1]")
         if self.top_k < 1:
-            raise ValueError("--top-k must be at least 1")
+            raise BadValue("--top-k must be at least 1")
         check_switch_penalty(self.switch_penalty, "--switch-penalty")
 
     @property
@@ -309,7 +310,7 @@ def _check_header(path: str, columns: list[str]) -> None:
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         header = next(csv.reader(f), None)
     if header is not None and header != columns:
-        raise ValueError(f"{path} was written with other columns ({','.join(header)}); use a new --output "
+        raise BadValue(f"{path} was written with other columns ({','.join(header)}); use a new --output "
                          "or the same flags")
 
 

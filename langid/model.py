@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from langid.config import ARCHITECTURES, FeatureConfig
+from langid.errors import BadValue, UserError
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -23,7 +24,7 @@ MAX_LABELS = 10_000
 INPUT_MEAN, INPUT_STD = 0.449, 0.226
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model folder that cannot be loaded (missing, unsafe or inconsistent); one-line reason."""
 
 
@@ -264,5 +265,5 @@ def default_device(gpu: Optional[bool] = None) -> torch.device:
     if gpu is None:
         gpu = torch.cuda.is_available()
     if gpu and not torch.cuda.is_available():
-        raise ValueError("--gpu asked for, but CUDA is not available here")
+        raise BadValue("--gpu asked for, but CUDA is not available here")
     return torch.device("cuda" if gpu else "cpu")

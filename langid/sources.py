@@ -15,6 +15,7 @@ from typing import Optional
 from pyarrow.fs import FileType
 
 from langid.audio import AUDIO_EXTENSIONS
+from langid.errors import BadValue
 from langid.inputs import ARCHIVE_SUFFIXES, MEMBER_SEP
 from langid.uris import absolute_uri, is_uri, kind, list_files, open_input
 
@@ -143,9 +144,9 @@ class ManifestOptions:
 
     def __post_init__(self):
         if not 0 <= self.min_confidence <= 1:
-            raise ValueError(f"--min-confidence must be in [0, 1], got {self.min_confidence}")
+            raise BadValue(f"--min-confidence must be in [0, 1], got {self.min_confidence}")
         if self.group_by not in GROUP_BY:
-            raise ValueError(f"--group-by must be one of {', '.join(GROUP_BY)}, got {self.group_by!r}")
+            raise BadValue(f"--group-by must be one of {', '.join(GROUP_BY)}, got {self.group_by!r}")
 
 
 @dataclass
@@ -227,9 +228,9 @@ def load_manifest(path: str, opts: ManifestOptions = ManifestOptions()) -> Sourc
         cols = set(reader.fieldnames or [])
         path_col = "path" if "path" in cols else "file"
         if not {path_col, "language"} <= cols:
-            raise ValueError(f"{path}: manifest needs columns 'path' (or 'file') and 'language', found {sorted(cols)}")
+            raise BadValue(f"{path}: manifest needs columns 'path' (or 'file') and 'language', found {sorted(cols)}")
         if opts.min_confidence > 0 and "confidence" not in cols:
-            raise ValueError(f"{path}: --min-confidence needs a 'confidence' column (a CSV written by `langid label`); "
+            raise BadValue(f"{path}: --min-confidence needs a 'confidence' column (a CSV written by `langid label`); "
                              f"drop the flag for this manifest")
         label_csv = {"status", "confidence"} <= cols
         records, counts = [], dict.fromkeys(LEFT_OUT_REASONS, 0)
@@ -273,7 +274,7 @@ def find_sources(input_path: str, fmt: str = "auto", manifest: ManifestOptions =
     if fmt not in scanners:
         raise ValueError(f"unknown source format {fmt!r}: use auto, kaggle, folders or manifest")
     if manifest != ManifestOptions():
-        raise ValueError(f"{input_path}: --min-confidence and --group-by apply to a CSV/TSV manifest, "
+        raise BadValue(f"{input_path}: --min-confidence and --group-by apply to a CSV/TSV manifest, "
                          f"not a {fmt} tree; drop them")
     return Sources(scanners[fmt](input_path))
 
@@ -296,7 +297,7 @@ def assign_splits(records: list[dict], valid_fraction: float = 0.2, seed: int = 
     language has two or more): deterministic for a seed, and every language is validated.
     """
     if not 0 <= valid_fraction < 1:
-        raise ValueError("valid_fraction must be in [0, 1)")
+        raise BadValue("valid_fraction must be in [0, 1)")
     fixed: dict = {}
     for r in records:
         if r.get("error") is None and r.get("split") is not None:

@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from langid.config import FeatureConfig
+from langid.errors import UserError
 from langid.uris import _join, filesystem, is_hidden_temp, write_atomic
 
 CONFIG_FILE = "feature_config.json"
@@ -63,7 +64,7 @@ WRITE_OPTIONS = {
 }
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A store that cannot be used as asked (wrong configuration, missing, unreadable)."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Callable, Optional
 
 from langid.config import Stage, TrainConfig, default_schedule  # noqa: F401  (the training API in one import)
+from langid.errors import BadValue
 from langid.store import Store, StoreError
 from langid.trainset import TRAIN, VALID, TrainingData, training_data, window_dataset
 from langid.uris import StagedFolder, absolute_uri
@@ -35,7 +36,7 @@ def check_run_settings(output: str, tc: TrainConfig, labels: list[str]) -> None:
             old = json.loads(f.read())
         diff = [k for k in mine if old.get(k) != mine[k]]
         if diff:
-            raise ValueError(f"{output} holds a run with other settings ({', '.join(diff)}); rerun with the same "
+            raise BadValue(f"{output} holds a run with other settings ({', '.join(diff)}); rerun with the same "
                              "flags to resume it, or use a new --output")
         return
     write_atomic(fs, path, json.dumps(mine, indent=2).encode())
@@ -45,11 +46,11 @@ def check_trainable(tc: TrainConfig, data: TrainingData, frontend: str = "logmel
     """Enough windows for every worker to train and validate on its share; AMP only where CUDA is; the mlp on
     encoder embeddings and a ResNet on spectrograms."""
     if (tc.arch == "mlp") != (frontend == "whisper-encoder"):
-        raise ValueError(f"{tc.store} holds {frontend} features: train " +
+        raise BadValue(f"{tc.store} holds {frontend} features: train " +
                          ("--arch mlp on them" if frontend == "whisper-encoder" else "a ResNet on them (--arch mlp "
                           "needs a store preprocessed with --frontend whisper-encoder:MODEL)"))
     if tc.amp and not tc.gpu:
-        raise ValueError("mixed precision (--amp) needs CUDA workers (--gpu)")
+        raise BadValue("mixed precision (--amp) needs CUDA workers (--gpu)")
     if data.train_windows < 2 * tc.workers or data.valid_windows < tc.workers:
         raise StoreError(f"{tc.store}: {data.train_windows} training and {data.valid_windows} validation windows "
                          f"are too few for {tc.workers} worker(s)")

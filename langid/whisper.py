@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from langid.errors import BadValue, UserError
+
 PREFIX = "whisper:"
 SAMPLE_RATE, N_FFT, HOP_LENGTH = 16000, 400, 160
 # measured on real clips (README, benchmarks/whisper_speed.py): 10 s is as accurate as Whisper's padded 30 s and
@@ -36,7 +38,7 @@ PACKAGED = {
 }
 
 
-class WhisperError(Exception):
+class WhisperError(UserError):
     """A Whisper model that cannot be had or used; one-line reason."""
 
 
@@ -231,7 +233,7 @@ def _feature_config(frontend: str, name: str, window_seconds: float, n_mels: int
     from langid.config import FeatureConfig
 
     if not 0 < window_seconds <= 30:
-        raise ValueError(f"a Whisper window is at most 30 s, got {window_seconds}")
+        raise BadValue(f"a Whisper window is at most 30 s, got {window_seconds}")
     return FeatureConfig(sample_rate=SAMPLE_RATE, window_seconds=window_seconds, n_fft=N_FFT, hop_length=HOP_LENGTH,
                          n_mels=n_mels, fmin=0.0, fmax=SAMPLE_RATE / 2, frontend=frontend, whisper=name,
                          embed_dim=embed_dim)

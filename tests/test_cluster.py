@@ -1,6 +1,6 @@
 """The cluster path: cluster.yaml passes Ray's own validation, and the three jobs run on a real two-node Ray cluster.
 
-The two nodes are separate `ray start` processes on loopback (langid.localcluster), each with its own raylet
+The two nodes are separate `ray start` processes on loopback (tests/support/localcluster.py), each with its own raylet
 and resources; the jobs reach them through `ray job submit`, as on a cloud cluster, and their outputs are
 compared with the same jobs run on the test session's single-node Ray.
 """
@@ -19,8 +19,8 @@ import yaml
 
 from conftest import REPO
 from langid.config import FeatureConfig
-from langid.localcluster import LocalCluster
 from langid.store import Store
+from support.localcluster import LocalCluster
 from test_training import BANDS, make_corpus
 
 

@@ -2,7 +2,6 @@
 the same pyarrow filesystem code as s3:// and gs://), and the resource flags reach Ray."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -11,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from langid import uris
-from langid.cli import main, memory_size
+from langid.cli import main
 from langid.store import Store
 from test_training import BANDS, make_corpus
 
@@ -44,18 +43,6 @@ def test_staged_folder_publishes_only_on_success_and_metadata_last(tmp_path):
     assert written == ["model.json", "model.safetensors", "stages/head/model.json"]
     # the top-level model.json is written after the weights it describes
     assert (tmp_path / "model/model.json").stat().st_mtime_ns >= (tmp_path / "model/model.safetensors").stat().st_mtime_ns
-
-
-@pytest.mark.parametrize("text, value", [("0", 0), ("512M", 512 << 20), ("4G", 4 << 30), ("1.5GiB", 3 << 29),
-                                         ("2k", 2048), ("1000", 1000)])
-def test_memory_sizes(text, value):
-    assert memory_size(text) == value
-
-
-@pytest.mark.parametrize("text", ["", "G", "four", "-1G", "nan", "inf", "1X"])
-def test_bad_memory_sizes_are_refused(text):
-    with pytest.raises(argparse.ArgumentTypeError):
-        memory_size(text)
 
 
 def test_every_job_on_uris_matches_local_paths(ray_local, tmp_path, capsys):
