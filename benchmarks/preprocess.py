@@ -39,8 +39,8 @@ from common import (Poller, clocks, cpu_count, facts_line, load_average, machine
 from langid.audio import load_audio
 from langid.config import MAX_SECONDS, FeatureConfig
 from langid.features import log_mel, windows
-from langid.preprocess import process_batch, run_preprocess
-from langid.sources import assign_splits, discover
+from langid.preprocess import process_batch, run_preprocess, work_table
+from langid.sources import assign_splits, find_sources
 from langid.store import ERRORS, WINDOWS, Store
 from langid.uris import atomic_output
 
@@ -128,7 +128,7 @@ def cached_corpus(n_files: int, seed: int = 0) -> str:
 
 def usable_paths(input_dir: str) -> list[str]:
     """Audio files the job will compute (records that could be described), in discovery order."""
-    return [r["path"] for r in discover(input_dir) if not r.get("error")]
+    return [r.path for r in find_sources(input_dir).records if not r.error]
 
 
 def copy_subset(paths: list[str], root: str) -> str:
@@ -215,8 +215,9 @@ def bench_compute_limit(paths: list[str], cfg: FeatureConfig) -> dict:
 
 def job_batches(input_dir: str, batch_size: int, files: int | None = None) -> list[pa.Table]:
     """The job's records (discovered and split as run_preprocess does; the first `files`) cut into its batches."""
-    records = assign_splits(discover(input_dir))[:files]
-    return [pa.Table.from_pylist(records[i:i + batch_size]) for i in range(0, len(records), batch_size)]
+    records = assign_splits(find_sources(input_dir).records)[:files]
+    # the clips' names are ASCII: each opens under the name the store keeps
+    return [work_table([(r, r.path) for r in records[i:i + batch_size]]) for i in range(0, len(records), batch_size)]
 
 
 def fresh_store(uri: str, cfg: FeatureConfig) -> str:

@@ -11,7 +11,6 @@ import csv
 import io
 import math
 import os
-import re
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -27,7 +26,8 @@ from langid.config import MAX_SECONDS
 from langid.inputs import Item, iter_archive
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.timeline import SWITCH_PENALTY, check_switch_penalty, merge_segments  # merge_segments: callers import it from here too
-from langid.uris import atomic_output, exists, is_uri, open_input, put_file, remove_leftovers, staging_path
+from langid.uris import (atomic_output, exists, from_wire, is_uri, open_input, put_file, remove_leftovers, staging_path,
+                         to_wire, utf8_name)
 
 BASE_COLUMNS = ["path", "language", "confidence", "top_languages", "duration", "windows", "windows_used",
                 "status", "error"]
@@ -62,23 +62,6 @@ class LabelOptions:
         return 1.0 - self.overlap
 
 
-# ---------- keys through Arrow ----------
-# A file name that is not UTF-8 reaches Python with its odd bytes as surrogate escapes (\udc80-\udcff), which
-# Arrow strings (every Ray Data block) refuse. Between the driver and the workers such a character travels as
-# NUL + the byte's character: reversible, because no path or archive member name contains NUL. The CSV gets
-# the original bytes back (it is written with errors="surrogateescape").
-_SURROGATE = re.compile("[\udc80-\udcff]")
-_ESCAPED = re.compile("\x00(.)", re.S)
-
-
-def to_wire(text: Optional[str]) -> Optional[str]:
-    return None if text is None else _SURROGATE.sub(lambda m: "\x00" + chr(ord(m.group()) - 0xDC00), text)
-
-
-def from_wire(text: Optional[str]) -> Optional[str]:
-    return None if text is None else _ESCAPED.sub(lambda m: chr(0xDC00 + ord(m.group(1))), text)
-
-
 # ---------- pipeline stages (run in Ray tasks and actors; pyarrow batches in and out) ----------
 # Every stage takes and returns Arrow columns: a file's windows travel as one flat float32 list (a zero-copy
 # numpy view at the other end), its answers as typed columns; nothing is turned into JSON or Python rows.
@@ -102,7 +85,7 @@ def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seco
         elif errors[i] is None:
             try:
                 data = datas[i].as_py()
-                source = data if data is not None else _openable(from_wire(paths[i].as_py()))
+                source = data if data is not None else from_wire(paths[i].as_py())
                 crash_hook(key)
                 audio = load_audio(source, cfg.sample_rate, max_seconds=max_seconds)
                 # float32 as in the API, so the job gives exactly the API's answers
@@ -141,18 +124,6 @@ def _flat(column) -> np.ndarray:
     import pyarrow.compute as pc
 
     return pc.list_flatten(column).to_numpy(zero_copy_only=False)
-
-
-def _openable(path: str):
-    """The path, or for a name that is not UTF-8 (which libsndfile's wrapper cannot encode) its opened file."""
-    if _SURROGATE.search(path) is None:
-        return path
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        return path  # decoding says "empty file" without opening it
-    try:
-        return io.BytesIO(open(path, "rb").read())
-    except OSError as e:
-        raise AudioError(f"cannot open: {e.strerror or e}") from None
 
 
 FEATURE_SCHEMA = pa.schema([
@@ -629,7 +600,7 @@ def write_parquet(csv_path: str, parquet_path: str) -> None:
         try:
             text = column.cast(pa.string())
         except pa.ArrowInvalid:
-            text = pa.array([b.decode("utf-8", "backslashreplace") for b in column.to_pylist()], pa.string())
+            text = pa.array([utf8_name(b) for b in column.to_pylist()], pa.string())
         table = table.set_column(table.schema.get_field_index(name), name, text)
     with atomic_output(parquet_path) as tmp:
         pq.write_table(table, tmp)

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -14,25 +13,30 @@ from langid.audio import AudioError, load_audio
 from langid.config import MAX_SECONDS, FeatureConfig
 from langid.features import file_flags, flagged_window_features, to_png
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
-from langid.sources import ManifestOptions, assign_splits, find_sources
-from langid.store import ERROR_SCHEMA, ERRORS, WINDOW_SCHEMA, WINDOWS, Store, shard_id
-from langid.uris import absolute_uri, write_atomic
+from langid.sources import ManifestOptions, SourceFile, assign_splits, find_sources
+from langid.store import ERROR_SCHEMA, ERRORS, FILE_FIELDS, WINDOW_SCHEMA, WINDOWS, Store, shard_id
+from langid.uris import absolute_uri, from_wire, to_wire, utf8_name, write_atomic
 
-FILE_KEYS = ("path", "language", "split", "recording_id", "speaker", "gender", "fragment", "augmentation",
-             "augmentation_index")
+# the files a task computes: each one's record and `source`, the path to open (as uris.to_wire spells it)
+WORK_SCHEMA = ERROR_SCHEMA.append(pa.field("source", pa.string()))
 
 
-def process_file(record: dict, cfg: FeatureConfig, max_seconds: float = MAX_SECONDS):
-    """(its windows as a record batch of WINDOW_SCHEMA, None) for a usable file, (None, reason) for one that is not.
+def work_table(files: list[tuple[SourceFile, str]]) -> pa.Table:
+    """(record, path to open) of each file as a table of WORK_SCHEMA, for Ray Data."""
+    return pa.Table.from_pylist([{**asdict(r), "source": to_wire(source)} for r, source in files], schema=WORK_SCHEMA)
+
+
+def process_file(record: SourceFile, source: str, cfg: FeatureConfig, max_seconds: float = MAX_SECONDS):
+    """(its windows as a record batch of WINDOW_SCHEMA, None) for a usable file, (None, reason) for one that is not;
+    `source` is the path to open (`record.path` names the file as the store does).
 
     Columns are built whole (no dict per window): per-row Python objects cost more than the Parquet writing.
     """
-    if record.get("error"):
-        return None, record["error"]
+    if record.error:
+        return None, record.error
     try:
-        path = os.fsdecode(record["source"]) if record.get("source") else record["path"]
-        crash_hook(path)
-        audio = load_audio(path, cfg.sample_rate, max_seconds=max_seconds)
+        crash_hook(source)
+        audio = load_audio(source, cfg.sample_rate, max_seconds=max_seconds)
     except AudioError as e:
         return None, str(e)
     except MemoryError:
@@ -44,7 +48,7 @@ def process_file(record: dict, cfg: FeatureConfig, max_seconds: float = MAX_SECO
         return None, str(e)
     n, rows, cols = specs.shape
     offsets = pa.array(np.arange(n + 1, dtype=np.int64) * (rows * cols), pa.int32())  # raises rather than wraps
-    columns = {k: [record.get(k)] * n for k in FILE_KEYS}
+    columns = {f.name: [getattr(record, f.name)] * n for f in FILE_FIELDS}
     columns.update(
         window_index=np.arange(n, dtype=np.int32),
         window_start=np.asarray(starts, np.float32),
@@ -68,30 +72,31 @@ def process_batch(batch: pa.Table, store_uri: str, cfg: FeatureConfig, png: bool
     undone (redone on resume) and never a file recorded twice.
     """
     store = Store(store_uri)
-    records = batch.to_pylist()
-    size = shard_files or max(1, len(records))
+    records = [SourceFile(**row) for row in batch.select(ERROR_SCHEMA.names).to_pylist()]
+    files = list(zip(records, map(from_wire, batch.column("source").to_pylist())))
+    size = shard_files or max(1, len(files))
     summary = {"path": [], "ok": [], "windows": [], "error": []}
-    for start in range(0, len(records), size):
-        _write_shard(store, records[start:start + size], cfg, png, max_seconds, summary, attempts)
+    for start in range(0, len(files), size):
+        _write_shard(store, files[start:start + size], cfg, png, max_seconds, summary, attempts)
     return pa.table(summary)
 
 
-def _write_shard(store: Store, records: list[dict], cfg: FeatureConfig, png: bool, max_seconds: float,
-                 summary: dict, attempts: Attempts | None = None) -> None:
+def _write_shard(store: Store, files: list[tuple[SourceFile, str]], cfg: FeatureConfig, png: bool,
+                 max_seconds: float, summary: dict, attempts: Attempts | None = None) -> None:
     """Compute files and write them as one shard (and their PNGs); a line per file goes to `summary`."""
     found, errors = [], []
-    for rec in records:
-        if attempts is not None and not attempts.admit(rec["path"]):
+    for rec, source in files:
+        if attempts is not None and not attempts.admit(rec.path):
             windows, err = None, PROCESS_DIED
         else:
-            windows, err = process_file(rec, cfg, max_seconds)
+            windows, err = process_file(rec, source, cfg, max_seconds)
             if attempts is not None:
-                attempts.done(rec["path"])
+                attempts.done(rec.path)
         if err is None:
             found.append(windows)
         else:
-            errors.append({**{k: rec.get(k) for k in FILE_KEYS}, "error": err})
-        for key, value in zip(summary, (rec["path"], err is None, 0 if err else windows.num_rows, err or "")):
+            errors.append(asdict(replace(rec, error=err)))
+        for key, value in zip(summary, (rec.path, err is None, 0 if err else windows.num_rows, err or "")):
             summary[key].append(value)
     if png:
         for b in found:
@@ -99,20 +104,16 @@ def _write_shard(store: Store, records: list[dict], cfg: FeatureConfig, png: boo
             path, split, language = (b[k][0].as_py() for k in ("path", "split", "language"))
             for i, spec in enumerate(specs):
                 write_atomic(store.fs, store.png_path(split, language, path, i), to_png(spec))
-    sid = shard_id(r["path"] for r in records)
+    sid = shard_id(r.path for r, _ in files)
     if errors:
         store.write_shard(ERRORS, pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), sid)
     if found:
         store.write_shard(WINDOWS, pa.Table.from_batches(found, schema=WINDOW_SCHEMA), sid)
 
 
-def utf8_record(record: dict) -> dict:
-    """The record with text Arrow can hold: a name's bytes that are not UTF-8 (which Python keeps as surrogate
-    escapes) are spelled `\\xNN` in the store; `source` keeps the real path to open."""
-    out = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if isinstance(v, str) else v
-           for k, v in record.items()}
-    out["source"] = os.fsencode(record["path"])
-    return out
+def utf8_record(record: SourceFile) -> SourceFile:
+    """The record with its names as the store keeps them (uris.utf8_name)."""
+    return replace(record, **{k: utf8_name(v) for k, v in asdict(record).items() if isinstance(v, str)})
 
 
 MIN_FILES_PER_TASK = 4
@@ -173,24 +174,23 @@ class PreprocessResult:
                 self.errors.append((path, error))
 
 
-def _compute(records: list[dict], store_uri: str, cfg: FeatureConfig, png: bool, shard_files: int,
+def _compute(files: list[tuple[SourceFile, str]], store_uri: str, cfg: FeatureConfig, png: bool, shard_files: int,
              num_cpus: float = 1.0, max_seconds: float = MAX_SECONDS, memory: int = 0,
              task_shards: int | None = None, attempts: Attempts | None = None) -> Iterator[pa.Table]:
-    """The Ray Data pipeline over `records`: shards of `shard_files` files, grouped into tasks (`task_shards` each,
-    or shards_per_task's sizes), each task writing its own shards; yields the tasks' per-file lines (path, ok,
-    windows, error) as they finish."""
+    """The Ray Data pipeline over `files` (record, path to open): shards of `shard_files` files, grouped into tasks
+    (`task_shards` each, or shards_per_task's sizes), each task writing its own shards; yields the tasks' per-file
+    lines (path, ok, windows, error) as they finish."""
     import ray
 
-    n_shards = math.ceil(len(records) / shard_files)
+    n_shards = math.ceil(len(files) / shard_files)
     if task_shards:
         sizes = [task_shards] * math.ceil(n_shards / task_shards)
     else:
         cpus = ray.cluster_resources().get("CPU", 1)
         sizes = shards_per_task(n_shards, int(cpus // num_cpus) if num_cpus > 0 else int(cpus))
-    schema = pa.Table.from_pylist(records).schema  # one for all blocks: a column of Nones in one is not null-typed
     blocks, start = [], 0
     for k in sizes:
-        blocks.append(pa.Table.from_pylist(records[start:start + k * shard_files], schema=schema))
+        blocks.append(work_table(files[start:start + k * shard_files]))
         start += k * shard_files
     out = ray.data.from_arrow(blocks).map_batches(
         process_batch, fn_args=(store_uri, cfg, png, max_seconds, shard_files, attempts), batch_size=None,
@@ -229,13 +229,13 @@ def run_preprocess(
     found = find_sources(input_path, source_format, manifest)
     records = [utf8_record(r) for r in found.records]
     if split is not None:  # a held-out set: every file gets this split
-        records = [{**r, "split": split} for r in records]
+        records = [replace(r, split=split) for r in records]
     records = assign_splits(records, valid_fraction, seed)
     store = Store(output)
     store.init(cfg)
     store.remove_leftovers()  # hidden temporaries of a writer killed before its rename
     done = store.done_paths()
-    todo = [r for r in records if r["path"] not in done]
+    todo = [(r, f.path) for r, f in zip(records, found.records) if r.path not in done]  # f.path: the file to open
     result = PreprocessResult(store=output, files_seen=len(records), skipped_done=len(records) - len(todo),
                               left_out=found.left_out)
     if todo:

@@ -1,6 +1,6 @@
 """Find labelled audio: the Kaggle layout, folder-per-language trees and CSV/TSV manifests (`langid label` CSVs too).
 
-Every source yields plain dict records (one per file) with the same keys, so one job serves all.
+Every source yields the same record per file (SourceFile), so one job serves all.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import hashlib
 import io
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from pyarrow.fs import FileType
@@ -36,6 +36,8 @@ class BadName(ValueError):
 
 @dataclass
 class SourceFile:
+    """One input file and what its name, folders or manifest row tell: the record the store keeps of it."""
+
     path: str
     language: Optional[str] = None
     split: Optional[str] = None
@@ -46,9 +48,6 @@ class SourceFile:
     augmentation: Optional[str] = None
     augmentation_index: Optional[int] = None
     error: Optional[str] = None  # set when the file cannot even be described (bad name, bad manifest row)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_kaggle_name(name: str) -> dict:
@@ -91,7 +90,7 @@ def _split_from_path(parts: list[str]) -> Optional[str]:
     return None
 
 
-def scan_kaggle(root: str) -> list[dict]:
+def scan_kaggle(root: str) -> list[SourceFile]:
     """Records for every audio file under root; names off the pattern become error records."""
     root = absolute_uri(root).rstrip("/")
     records = []
@@ -105,24 +104,24 @@ def scan_kaggle(root: str) -> list[dict]:
             for k, v in fields.items():
                 setattr(rec, k, v)
             rec.speaker = rec.recording_id
-        records.append(rec.to_dict())
+        records.append(rec)
     return records
 
 
-def scan_folders(root: str) -> list[dict]:
+def scan_folders(root: str) -> list[SourceFile]:
     """`root/<lang>/**/*.<ext>`: the first folder is the language, the second (if any) the speaker."""
     root = absolute_uri(root).rstrip("/")
     records = []
     for path in _walk(root):
         parts = _relative(path, root)
         if len(parts) < 2:
-            records.append(SourceFile(path=path, error="file is not inside a language folder (root/<lang>/...)").to_dict())
+            records.append(SourceFile(path=path, error="file is not inside a language folder (root/<lang>/...)"))
             continue
         language = parts[0]
         speaker = parts[1] if len(parts) > 2 else os.path.splitext(parts[-1])[0]
         records.append(
             SourceFile(path=path, language=language, speaker=f"{language}/{speaker}", recording_id=f"{language}/{speaker}",
-                       split=_split_from_path(_relative(path, os.path.dirname(root)))).to_dict()
+                       split=_split_from_path(_relative(path, os.path.dirname(root))))
         )
     return records
 
@@ -153,7 +152,7 @@ class ManifestOptions:
 class Sources:
     """An input's records, and how many label CSV rows were left out of them, by reason."""
 
-    records: list
+    records: list[SourceFile]
     left_out: dict = field(default_factory=dict)
 
 
@@ -245,13 +244,8 @@ def load_manifest(path: str, opts: ManifestOptions = ManifestOptions()) -> Sourc
                 continue
             rec = _record(row, i, p, base, opts.group_by)
             rec.error = rec.error or problem
-            records.append(rec.to_dict())
+            records.append(rec)
     return Sources(records, {k: n for k, n in counts.items() if n})
-
-
-def read_manifest(path: str, min_confidence: float = 0.0, group_by: str = "speaker") -> list[dict]:
-    """The records of load_manifest (see there), without the count of label rows left out."""
-    return load_manifest(path, ManifestOptions(min_confidence, group_by)).records
 
 
 def detect_format(input_path: str) -> str:
@@ -279,16 +273,11 @@ def find_sources(input_path: str, fmt: str = "auto", manifest: ManifestOptions =
     return Sources(scanners[fmt](input_path))
 
 
-def discover(input_path: str, fmt: str = "auto") -> list[dict]:
-    """Records for a Kaggle tree, a folder-per-language tree or a manifest (`fmt` auto-detects)."""
-    return find_sources(input_path, fmt).records
-
-
 def _rank(seed: int, key: str) -> str:
     return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
 
 
-def assign_splits(records: list[dict], valid_fraction: float = 0.2, seed: int = 0) -> list[dict]:
+def assign_splits(records: list[SourceFile], valid_fraction: float = 0.2, seed: int = 0) -> list[SourceFile]:
     """Give records without a split 'train' or 'valid', grouped by recording so no group straddles both.
 
     A recording that already has a split somewhere (a manifest, Kaggle's test folder) gives it to all
@@ -300,12 +289,12 @@ def assign_splits(records: list[dict], valid_fraction: float = 0.2, seed: int = 
         raise BadValue("valid_fraction must be in [0, 1)")
     fixed: dict = {}
     for r in records:
-        if r.get("error") is None and r.get("split") is not None:
-            fixed.setdefault(r["recording_id"], r["split"])
+        if r.error is None and r.split is not None:
+            fixed.setdefault(r.recording_id, r.split)
     owner: dict = {}  # recording -> the language it is balanced under
     for r in records:
-        if r.get("error") is None and r["recording_id"] not in fixed:
-            owner.setdefault(r["recording_id"], r["language"])
+        if r.error is None and r.recording_id not in fixed:
+            owner.setdefault(r.recording_id, r.language)
     groups: dict[str, list] = {}
     for rid, language in owner.items():
         groups.setdefault(language, []).append(rid)
@@ -316,10 +305,10 @@ def assign_splits(records: list[dict], valid_fraction: float = 0.2, seed: int = 
         if valid_fraction > 0 and len(ordered) >= 2:
             n = min(max(n, 1), len(ordered) - 1)
         chosen.update({g: ("valid" if i < n else "train") for i, g in enumerate(ordered)})
-    out = []
-    for r in records:
-        r = dict(r)
-        if r.get("error") is None and r.get("split") is None:
-            r["split"] = fixed.get(r["recording_id"]) or chosen[r["recording_id"]]
-        out.append(r)
-    return out
+
+    def split_of(r: SourceFile) -> Optional[str]:
+        if r.error is not None or r.split is not None:
+            return r.split
+        return fixed.get(r.recording_id) or chosen[r.recording_id]
+
+    return [replace(r, split=split_of(r)) for r in records]  # copies: the caller's records stay as they were

@@ -10,6 +10,7 @@ names starting with '.' and files not ending in .parquet) never see a half-writt
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,23 +23,16 @@ import pyarrow.parquet as pq
 
 from langid.config import FeatureConfig
 from langid.errors import UserError
+from langid.sources import SourceFile
 from langid.uris import _join, filesystem, is_hidden_temp, write_atomic
 
 CONFIG_FILE = "feature_config.json"
 CONFIG_KEY = b"langid.feature_config"
 WINDOWS, ERRORS = "windows", "errors"
 
-FILE_FIELDS = [
-    pa.field("path", pa.string()),
-    pa.field("language", pa.string()),
-    pa.field("split", pa.string()),
-    pa.field("recording_id", pa.string()),
-    pa.field("speaker", pa.string()),
-    pa.field("gender", pa.string()),
-    pa.field("fragment", pa.int32()),
-    pa.field("augmentation", pa.string()),
-    pa.field("augmentation_index", pa.int32()),
-]
+# a file's columns: the fields of its record, whole numbers (a Kaggle name's) as int32
+FILE_FIELDS = [pa.field(f.name, pa.int32() if "int" in f.type else pa.string())
+               for f in dataclasses.fields(SourceFile) if f.name != "error"]
 WINDOW_SCHEMA = pa.schema(
     FILE_FIELDS
     + [

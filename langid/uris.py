@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -35,6 +36,29 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     if not is_uri(location):
         return pafs.LocalFileSystem(), os.path.abspath(location)
     return pafs.FileSystem.from_uri(location)
+
+
+# ---------- file names that are not UTF-8 ----------
+# Python keeps the odd bytes of such a name as surrogate escapes (\udc80-\udcff), which UTF-8 text refuses: Arrow
+# strings (every Ray Data block, the store, Parquet). Between processes the name travels as `to_wire` spells it, NUL
+# + the byte's character (reversible: no path or archive member name contains NUL); an output that holds only UTF-8
+# shows it as `utf8_name` spells it, `\xNN`; a CSV keeps the original bytes (errors="surrogateescape").
+_SURROGATE = re.compile("[\udc80-\udcff]")
+_ESCAPED = re.compile("\x00(.)", re.S)
+
+
+def to_wire(text: Optional[str]) -> Optional[str]:
+    return None if text is None else _SURROGATE.sub(lambda m: "\x00" + chr(ord(m.group()) - 0xDC00), text)
+
+
+def from_wire(text: Optional[str]) -> Optional[str]:
+    return None if text is None else _ESCAPED.sub(lambda m: chr(0xDC00 + ord(m.group(1))), text)
+
+
+def utf8_name(name: Union[str, bytes]) -> str:
+    """A name (text with surrogate escapes, or bytes) with its bytes that are not UTF-8 spelled `\\xNN`."""
+    raw = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _join(*parts: str) -> str:

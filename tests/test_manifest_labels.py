@@ -18,11 +18,10 @@ from langid.sources import (
     LOW_CONFIDENCE,
     UNKNOWN,
     ManifestOptions,
+    SourceFile,
     assign_splits,
-    discover,
     find_sources,
     load_manifest,
-    read_manifest,
 )
 from langid.store import ERRORS, WINDOWS, Store
 
@@ -46,8 +45,8 @@ def write_labels(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def by_name(records: list[dict], root: Path) -> dict:
-    return {os.path.relpath(r["path"], root): r for r in records}
+def by_name(records: list, root: Path) -> dict:
+    return {os.path.relpath(r.path, root): r for r in records}
 
 
 @pytest.fixture
@@ -71,11 +70,10 @@ def test_label_csv_keeps_answered_rows_and_counts_the_rest(labels, tmp_path):
     assert set(recs) == {"a.wav", "b.wav", "e.wav"}
     assert found.left_out == {LABEL_FAILED: 1, ANSWERED_UNKNOWN: 2}
     a = recs["a.wav"]
-    assert a["path"] == str(tmp_path / "a.wav")  # relative to the CSV's folder
-    assert (a["language"], a["split"], a["error"]) == ("en", None, None)
-    assert a["recording_id"] == a["speaker"] == a["path"]  # no speaker column: each file alone
-    assert recs["e.wav"]["error"] is None  # the labeler's note is not an input error
-    assert read_manifest(str(labels)) == found.records
+    assert a.path == str(tmp_path / "a.wav")  # relative to the CSV's folder
+    assert (a.language, a.split, a.error) == ("en", None, None)
+    assert a.recording_id == a.speaker == a.path  # no speaker column: each file alone
+    assert recs["e.wav"].error is None  # the labeler's note is not an input error
 
 
 def test_min_confidence_filters_answers(labels, tmp_path):
@@ -83,15 +81,15 @@ def test_min_confidence_filters_answers(labels, tmp_path):
     assert set(by_name(found.records, tmp_path)) == {"a.wav", "e.wav"}  # 0.8 itself is kept
     assert found.left_out == {LABEL_FAILED: 1, ANSWERED_UNKNOWN: 2, LOW_CONFIDENCE: 1}
     assert list(found.left_out) == [LABEL_FAILED, ANSWERED_UNKNOWN, LOW_CONFIDENCE]  # the summary's order
-    assert read_manifest(str(labels), min_confidence=0.96) == []
+    assert load_manifest(str(labels), ManifestOptions(min_confidence=0.96)).records == []
 
 
 def test_unreadable_confidence_is_a_row_error(tmp_path):
     labels = write_labels(tmp_path / "labels.csv", [label_row("a.wav", "en", "high"), label_row("b.wav", "en", 0.9)])
-    bad, good = read_manifest(str(labels), min_confidence=0.5)
-    assert "line 2" in bad["error"] and "'high'" in bad["error"] and "confidence" in bad["error"]
-    assert good["error"] is None
-    assert [r["error"] for r in read_manifest(str(labels))] == [None, None]  # no filter: never parsed
+    bad, good = load_manifest(str(labels), ManifestOptions(min_confidence=0.5)).records
+    assert "line 2" in bad.error and "'high'" in bad.error and "confidence" in bad.error
+    assert good.error is None
+    assert [r.error for r in load_manifest(str(labels)).records] == [None, None]  # no filter: never parsed
 
 
 def test_unknown_is_the_labelers_word():
@@ -105,28 +103,28 @@ def test_unknown_is_the_labelers_word():
 def test_group_by_folder_keeps_a_folder_on_one_side(tmp_path):
     rows = [label_row(f"{lang}{s}/clip{i}.wav", lang, 0.9) for lang in ("en", "de") for s in range(4) for i in range(3)]
     labels = write_labels(tmp_path / "labels.csv", rows)
-    recs = read_manifest(str(labels), group_by="folder")
+    recs = load_manifest(str(labels), ManifestOptions(group_by="folder")).records
     for r in recs:
-        assert r["recording_id"] == r["speaker"] == os.path.dirname(r["path"])
-    assert len({r["recording_id"] for r in recs}) == 8
+        assert r.recording_id == r.speaker == os.path.dirname(r.path)
+    assert len({r.recording_id for r in recs}) == 8
     for seed in range(5):
         split = assign_splits(recs, valid_fraction=0.25, seed=seed)
         sides: dict = {}
         for r in split:
-            sides.setdefault(r["recording_id"], set()).add(r["split"])
+            sides.setdefault(r.recording_id, set()).add(r.split)
         assert all(len(s) == 1 for s in sides.values())
         for lang in ("en", "de"):  # one of each language's four folders is validated
-            assert sum(r["split"] == "valid" for r in split if r["language"] == lang) == 3
+            assert sum(r.split == "valid" for r in split if r.language == lang) == 3
 
 
 def test_group_by_speaker_and_file(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,language,speaker\ns1/a.wav,en,alice\ns1/b.wav,en,\ns2/c.wav,de,bob\n", encoding="utf-8")
-    a, b, c = read_manifest(str(manifest))  # speaker: the column, else the file
-    assert (a["recording_id"], b["recording_id"], c["recording_id"]) == ("alice", b["path"], "bob")
-    assert [r["recording_id"] for r in read_manifest(str(manifest), group_by="file")] == [a["path"], b["path"], c["path"]]
-    folders = read_manifest(str(manifest), group_by="folder")  # the folder wins over the speaker column
-    assert [r["speaker"] for r in folders] == [str(tmp_path / "s1")] * 2 + [str(tmp_path / "s2")]
+    a, b, c = load_manifest(str(manifest)).records  # speaker: the column, else the file
+    assert (a.recording_id, b.recording_id, c.recording_id) == ("alice", b.path, "bob")
+    assert [r.recording_id for r in load_manifest(str(manifest), ManifestOptions(group_by="file")).records] == [a.path, b.path, c.path]
+    folders = load_manifest(str(manifest), ManifestOptions(group_by="folder")).records  # the folder wins over the speaker column
+    assert [r.speaker for r in folders] == [str(tmp_path / "s1")] * 2 + [str(tmp_path / "s2")]
 
 
 def test_bad_options_are_refused():
@@ -146,9 +144,9 @@ def test_archive_members_get_a_row_error(tmp_path):
     ])
     found = load_manifest(str(labels))
     member, loose = found.records
-    assert member["error"] == f"manifest line 2: {ARCHIVE_ERROR}"
-    assert member["language"] == "en"
-    assert loose["error"] is None
+    assert member.error == f"manifest line 2: {ARCHIVE_ERROR}"
+    assert member.language == "en"
+    assert loose.error is None
     assert found.left_out == {LABEL_FAILED: 1}
 
 
@@ -156,9 +154,9 @@ def test_min_confidence_needs_a_confidence_column(tmp_path):
     manifest = tmp_path / "plain.csv"
     manifest.write_text("path,language\na.wav,en\n", encoding="utf-8")
     with pytest.raises(ValueError) as ei:
-        read_manifest(str(manifest), min_confidence=0.5)
+        load_manifest(str(manifest), ManifestOptions(min_confidence=0.5))
     assert str(manifest) in str(ei.value) and "'confidence' column" in str(ei.value)
-    assert len(read_manifest(str(manifest), min_confidence=0.0)) == 1
+    assert len(load_manifest(str(manifest), ManifestOptions(min_confidence=0.0)).records) == 1
 
 
 def test_manifest_options_on_a_tree_are_refused(tmp_path):
@@ -166,7 +164,6 @@ def test_manifest_options_on_a_tree_are_refused(tmp_path):
     (tmp_path / "en" / "a.wav").write_bytes(b"x")
     with pytest.raises(ValueError, match="apply to a CSV/TSV manifest, not a folders tree"):
         find_sources(str(tmp_path), manifest=ManifestOptions(min_confidence=0.5))
-    assert find_sources(str(tmp_path)).records == discover(str(tmp_path))
 
 
 def test_plain_manifest_unchanged(tmp_path):
@@ -176,11 +173,11 @@ def test_plain_manifest_unchanged(tmp_path):
     found = load_manifest(str(manifest))
     a, b, c = found.records
     assert found.left_out == {}
-    assert a == {"path": str(tmp_path / "audio" / "a.wav"), "language": "en", "split": None, "recording_id": "s1",
-                 "speaker": "s1", "gender": None, "fragment": None, "augmentation": None, "augmentation_index": None,
-                 "error": None}
-    assert b["language"] == "unknown" and b["error"] is None  # without a status column it is just a language name
-    assert c["error"] == "manifest line 4: empty language"  # an input error, as before, not left out
+    assert a == SourceFile(path=str(tmp_path / "audio" / "a.wav"), language="en", split=None, recording_id="s1",
+                           speaker="s1", gender=None, fragment=None, augmentation=None, augmentation_index=None,
+                           error=None)
+    assert b.language == "unknown" and b.error is None  # without a status column it is just a language name
+    assert c.error == "manifest line 4: empty language"  # an input error, as before, not left out
 
 
 # --- the command -----------------------------------------------------------------------------

@@ -12,11 +12,12 @@ from langid.sources import (
     KAGGLE_PATTERN,
     SPLITS,
     BadName,
+    SourceFile,
     assign_splits,
     detect_format,
-    discover,
+    find_sources,
+    load_manifest,
     parse_kaggle_name,
-    read_manifest,
     scan_folders,
     scan_kaggle,
 )
@@ -88,31 +89,31 @@ def test_parse_kaggle_name_rejects(name):
 
 def test_scan_kaggle_tree(kaggle_tree):
     records = scan_kaggle(str(kaggle_tree))
-    paths = [r["path"] for r in records]
+    paths = [r.path for r in records]
     on_disk = sorted(str(p) for p in kaggle_tree.rglob("*.flac"))
     assert sorted(paths) == on_disk  # every audio file, once, bad ones included
     assert len(paths) == len(set(paths)) == 24
     assert all(os.path.isabs(p) for p in paths)
 
-    by_name = {os.path.basename(r["path"]): r for r in records}
+    by_name = {os.path.basename(r.path): r for r in records}
     bad = by_name["badname.flac"]
-    assert bad["error"] is not None and KAGGLE_PATTERN in bad["error"]
-    assert bad["language"] is None and bad["recording_id"] is None
+    assert bad.error is not None and KAGGLE_PATTERN in bad.error
+    assert bad.language is None and bad.recording_id is None
 
-    tests = [r for r in records if os.sep + "test" + os.sep in r["path"]]
+    tests = [r for r in records if os.sep + "test" + os.sep in r.path]
     assert len(tests) == 2
-    assert all(r["split"] == "test" for r in tests)
+    assert all(r.split == "test" for r in tests)
     train = [r for r in records if r not in tests]
-    assert all(r["split"] is None for r in train)  # train/valid is decided later by assign_splits
+    assert all(r.split is None for r in train)  # train/valid is decided later by assign_splits
 
-    good = [r for r in records if r["error"] is None]
+    good = [r for r in records if r.error is None]
     assert len(good) == 23
     for r in good:
-        f = parse_kaggle_name(r["path"])
-        assert {k: r[k] for k in f} == f
-        assert r["speaker"] == r["recording_id"]
-    speed = [r for r in good if r["augmentation"] == "speed"]
-    assert len(speed) == 6 and all(r["augmentation_index"] == 1 and r["fragment"] == 0 for r in speed)
+        f = parse_kaggle_name(r.path)
+        assert {k: getattr(r, k) for k in f} == f
+        assert r.speaker == r.recording_id
+    speed = [r for r in good if r.augmentation == "speed"]
+    assert len(speed) == 6 and all(r.augmentation_index == 1 and r.fragment == 0 for r in speed)
 
 
 def test_scan_kaggle_test_lang_subfolder_and_non_audio(tmp_path):
@@ -121,13 +122,13 @@ def test_scan_kaggle_test_lang_subfolder_and_non_audio(tmp_path):
                 f"test/test/es_m_{RID}.fragment2.pitch3.flac", "train/train/readme.txt", "test/de/notes.csv"]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x")
-    records = {os.path.relpath(r["path"], root): r for r in scan_kaggle(str(root))}
+    records = {os.path.relpath(r.path, root): r for r in scan_kaggle(str(root))}
     assert set(records) == {f"train/train/en_m_{RID}.fragment0.flac", f"test/de/de_f_{RID}.fragment1.flac",
                             f"test/test/es_m_{RID}.fragment2.pitch3.flac"}
-    assert records[f"test/de/de_f_{RID}.fragment1.flac"]["split"] == "test"
-    assert records[f"test/de/de_f_{RID}.fragment1.flac"]["language"] == "de"
-    assert records[f"test/test/es_m_{RID}.fragment2.pitch3.flac"]["split"] == "test"
-    assert records[f"train/train/en_m_{RID}.fragment0.flac"]["split"] is None
+    assert records[f"test/de/de_f_{RID}.fragment1.flac"].split == "test"
+    assert records[f"test/de/de_f_{RID}.fragment1.flac"].language == "de"
+    assert records[f"test/test/es_m_{RID}.fragment2.pitch3.flac"].split == "test"
+    assert records[f"train/train/en_m_{RID}.fragment0.flac"].split is None
     assert detect_format(str(root)) == "kaggle"
 
 
@@ -140,16 +141,16 @@ def test_scan_folders(tmp_path):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x")
     assert detect_format(str(root)) == "folders"
-    recs = {os.path.relpath(r["path"], root): r for r in discover(str(root))}
+    recs = {os.path.relpath(r.path, root): r for r in find_sources(str(root)).records}
     assert set(recs) == {"en/alice/a1.wav", "en/alice/a2.flac", "en/bob.wav", "fr/claire/sub/c1.ogg", "loose.wav"}
-    assert recs["en/alice/a1.wav"]["language"] == "en"
-    assert recs["en/alice/a1.wav"]["speaker"] == recs["en/alice/a2.flac"]["speaker"] == "en/alice"
-    assert recs["en/alice/a1.wav"]["recording_id"] == "en/alice"
-    assert recs["en/bob.wav"]["speaker"] == "en/bob"  # file directly in the language folder: its stem
-    assert recs["fr/claire/sub/c1.ogg"]["speaker"] == "fr/claire"
-    assert all(r["split"] is None and r["error"] is None for k, r in recs.items() if k != "loose.wav")
-    assert recs["loose.wav"]["error"] and "language folder" in recs["loose.wav"]["error"]
-    assert recs["loose.wav"]["language"] is None
+    assert recs["en/alice/a1.wav"].language == "en"
+    assert recs["en/alice/a1.wav"].speaker == recs["en/alice/a2.flac"].speaker == "en/alice"
+    assert recs["en/alice/a1.wav"].recording_id == "en/alice"
+    assert recs["en/bob.wav"].speaker == "en/bob"  # file directly in the language folder: its stem
+    assert recs["fr/claire/sub/c1.ogg"].speaker == "fr/claire"
+    assert all(r.split is None and r.error is None for k, r in recs.items() if k != "loose.wav")
+    assert recs["loose.wav"].error and "language folder" in recs["loose.wav"].error
+    assert recs["loose.wav"].language is None
 
 
 def test_scan_folders_test_subtree(tmp_path):
@@ -159,12 +160,12 @@ def test_scan_folders_test_subtree(tmp_path):
         (root / rel).write_bytes(b"x")
     train = scan_folders(str(root / "train"))
     test = scan_folders(str(root / "test"))
-    assert [r["split"] for r in train] == [None]
-    assert [(r["language"], r["split"]) for r in test] == [("en", "test")]
+    assert [r.split for r in train] == [None]
+    assert [(r.language, r.split) for r in test] == [("en", "test")]
 
 
 @pytest.mark.parametrize("sep, suffix", [(",", ".csv"), ("\t", ".tsv")])
-def test_read_manifest(tmp_path, sep, suffix):
+def test_load_manifest(tmp_path, sep, suffix):
     (tmp_path / "audio").mkdir()
     abs_path = str(tmp_path / "elsewhere" / "z.wav")
     rows = [
@@ -180,77 +181,77 @@ def test_read_manifest(tmp_path, sep, suffix):
     manifest = tmp_path / f"m{suffix}"
     manifest.write_text("\n".join(sep.join(r) for r in rows) + "\n", encoding="utf-8")
     assert detect_format(str(manifest)) == "manifest"
-    recs = discover(str(manifest))
+    recs = find_sources(str(manifest)).records
     assert len(recs) == 7  # a bad row is an error record, never silently dropped
     a, b, z, c, empty, nolang, uri = recs
-    assert a["path"] == str(tmp_path / "audio" / "a.wav")  # relative to the manifest, not the cwd
-    assert (a["language"], a["split"], a["speaker"], a["recording_id"], a["error"]) == ("en", "train", "s1", "s1", None)
-    assert b["split"] is None and b["error"] is None
-    assert b["speaker"] == b["recording_id"] == b["path"]  # no speaker: each file is its own group
-    assert z["path"] == abs_path and z["split"] == "test"
-    assert c["error"] and "line 5" in c["error"] and "'validation'" in c["error"]
-    assert all(s in c["error"] for s in SPLITS)
-    assert empty["error"] and "line 6" in empty["error"] and "empty path" in empty["error"]
-    assert nolang["error"] and "line 7" in nolang["error"] and "empty language" in nolang["error"]
-    assert uri["path"] == "s3://bucket/e.wav" and uri["error"] is None
+    assert a.path == str(tmp_path / "audio" / "a.wav")  # relative to the manifest, not the cwd
+    assert (a.language, a.split, a.speaker, a.recording_id, a.error) == ("en", "train", "s1", "s1", None)
+    assert b.split is None and b.error is None
+    assert b.speaker == b.recording_id == b.path  # no speaker: each file is its own group
+    assert z.path == abs_path and z.split == "test"
+    assert c.error and "line 5" in c.error and "'validation'" in c.error
+    assert all(s in c.error for s in SPLITS)
+    assert empty.error and "line 6" in empty.error and "empty path" in empty.error
+    assert nolang.error and "line 7" in nolang.error and "empty language" in nolang.error
+    assert uri.path == "s3://bucket/e.wav" and uri.error is None
 
 
 @pytest.mark.parametrize("header", ["name,language", "path,lang", "path", ""])
-def test_read_manifest_missing_columns(tmp_path, header):
+def test_load_manifest_missing_columns(tmp_path, header):
     manifest = tmp_path / "m.csv"
     manifest.write_text(header + "\n" + ("x.wav,en\n" if header else ""), encoding="utf-8")
     with pytest.raises(ValueError) as ei:
-        read_manifest(str(manifest))
+        load_manifest(str(manifest))
     assert "path" in str(ei.value) and "language" in str(ei.value) and str(manifest) in str(ei.value)
 
 
-def test_read_manifest_accepts_file_column(tmp_path):
+def test_load_manifest_accepts_file_column(tmp_path):
     """The shared realspeech manifest names its path column `file`."""
     manifest = tmp_path / "m.tsv"
     manifest.write_text("file\tlanguage\nde/a.wav\tde\n", encoding="utf-8")
-    (rec,) = read_manifest(str(manifest))
-    assert rec["path"] == str(tmp_path / "de" / "a.wav") and rec["language"] == "de" and rec["error"] is None
+    (rec,) = load_manifest(str(manifest)).records
+    assert rec.path == str(tmp_path / "de" / "a.wav") and rec.language == "de" and rec.error is None
 
 
-def test_discover_missing_input_and_unknown_format(tmp_path):
+def test_find_sources_missing_input_and_unknown_format(tmp_path):
     with pytest.raises(FileNotFoundError):
-        discover(str(tmp_path / "nope"))
+        find_sources(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="unknown source format"):
-        discover(str(tmp_path), "zip")
+        find_sources(str(tmp_path), "zip")
 
 
 # --- assign_splits -------------------------------------------------------------------------------
 
 def _rec(path, language, recording_id, split=None, error=None, **kw):
-    return dict(path=path, language=language, recording_id=recording_id, split=split, error=error, **kw)
+    return SourceFile(path=path, language=language, recording_id=recording_id, split=split, error=error, **kw)
 
 
 def _splits_by_recording(records):
     out = defaultdict(set)
     for r in records:
-        if r["error"] is None:
-            out[r["recording_id"]].add(r["split"])
+        if r.error is None:
+            out[r.recording_id].add(r.split)
     return out
 
 
 def test_assign_splits_on_kaggle_tree(kaggle_tree):
     records = scan_kaggle(str(kaggle_tree))
     out = assign_splits(records, valid_fraction=0.2, seed=0)
-    assert [r["path"] for r in out] == [r["path"] for r in records]  # same records, same order
-    assert records[0] is not out[0] and all(r["split"] in (None, "test") for r in records)  # input untouched
+    assert [r.path for r in out] == [r.path for r in records]  # same records, same order
+    assert records[0] is not out[0] and all(r.split in (None, "test") for r in records)  # input untouched
     for rid, splits in _splits_by_recording(out).items():
         assert len(splits) == 1, (rid, splits)  # fragments and speed/pitch/noise twins travel together
     by_lang = defaultdict(lambda: defaultdict(set))
     for r in out:
-        if r["error"] is None:
-            by_lang[r["language"]][r["split"]].add(r["recording_id"])
+        if r.error is None:
+            by_lang[r.language][r.split].add(r.recording_id)
     for lang in ("en", "de"):  # four recordings each (three tones and one broken file)
         assert by_lang[lang]["valid"], lang
         assert by_lang[lang]["train"], lang
         assert by_lang[lang]["test"] == {f"{lang}test".encode().hex().ljust(32, "0")}
     assert set(by_lang["es"]) == {"train"}  # a single recording cannot be validated
-    bad = [r for r in out if r["error"] is not None]
-    assert len(bad) == 1 and bad[0]["split"] is None
+    bad = [r for r in out if r.error is not None]
+    assert len(bad) == 1 and bad[0].split is None
 
 
 def test_assign_splits_twins_follow_their_recording():
@@ -273,15 +274,15 @@ def test_assign_splits_every_language_validated():
                _rec("c", "fr", "r3"),                           # one recording: train only
                _rec("d", "de", "r4"), _rec("e", "de", "r5"), _rec("f", "de", "r6")]
     for seed in range(10):
-        out = {r["path"]: r["split"] for r in assign_splits(records, 0.2, seed)}
+        out = {r.path: r.split for r in assign_splits(records, 0.2, seed)}
         assert sorted([out["a"], out["b"]]) == ["train", "valid"]
         assert out["c"] == "train"
         assert sorted([out["d"], out["e"], out["f"]]) == ["train", "train", "valid"]
     # a large fraction still leaves every language something to train on
-    out = {r["path"]: r["split"] for r in assign_splits(records, 0.95, 0)}
+    out = {r.path: r.split for r in assign_splits(records, 0.95, 0)}
     assert "train" in {out["a"], out["b"]} and "train" in {out["d"], out["e"], out["f"]}
     # fraction 0: nothing is validated
-    assert {r["split"] for r in assign_splits(records, 0.0, 0)} == {"train"}
+    assert {r.split for r in assign_splits(records, 0.0, 0)} == {"train"}
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
@@ -297,15 +298,15 @@ def _synthetic(n_langs=4, n_recordings=50, per_recording=3):
 
 def test_assign_splits_deterministic_per_seed():
     records = _synthetic()
-    a = [r["split"] for r in assign_splits(records, 0.2, seed=7)]
-    b = [r["split"] for r in assign_splits(list(reversed(records)), 0.2, seed=7)][::-1]
-    assert a == [r["split"] for r in assign_splits(records, 0.2, seed=7)]
+    a = [r.split for r in assign_splits(records, 0.2, seed=7)]
+    b = [r.split for r in assign_splits(list(reversed(records)), 0.2, seed=7)][::-1]
+    assert a == [r.split for r in assign_splits(records, 0.2, seed=7)]
     assert a == b  # independent of the order the files were found in
-    c = [r["split"] for r in assign_splits(records, 0.2, seed=8)]
+    c = [r.split for r in assign_splits(records, 0.2, seed=8)]
     assert a != c
     # and each seed gives the requested share per language: round(0.2 * 50) = 10 of 50 recordings
     for splits in (a, c):
-        valid_recs = {r["recording_id"] for r, s in zip(records, splits) if s == "valid"}
+        valid_recs = {r.recording_id for r, s in zip(records, splits) if s == "valid"}
         per_lang = defaultdict(int)
         for rid in valid_recs:
             per_lang[rid.split("-")[0]] += 1
@@ -316,10 +317,10 @@ def test_assign_splits_keeps_given_splits_and_errors():
     records = [_rec("t1", "en", "t", split="test"), _rec("t2", "en", "u", split="train"),
                _rec("v1", "en", "v", split="valid"), _rec("x", None, None, error="bad name"),
                _rec("a", "en", "r1"), _rec("b", "en", "r2")]
-    out = {r["path"]: r for r in assign_splits(records, 0.5, 0)}
-    assert out["t1"]["split"] == "test" and out["t2"]["split"] == "train" and out["v1"]["split"] == "valid"
-    assert out["x"]["split"] is None and out["x"]["error"] == "bad name"
-    assert sorted([out["a"]["split"], out["b"]["split"]]) == ["train", "valid"]
+    out = {r.path: r for r in assign_splits(records, 0.5, 0)}
+    assert out["t1"].split == "test" and out["t2"].split == "train" and out["v1"].split == "valid"
+    assert out["x"].split is None and out["x"].error == "bad name"
+    assert sorted([out["a"].split, out["b"].split]) == ["train", "valid"]
 
 
 # A recording belongs to one language, and a recording's files either all come with a fixed split
@@ -341,11 +342,11 @@ def test_assign_splits_property_no_recording_in_two_splits(recordings, fraction,
     shuffle.shuffle(records)
     out = assign_splits(records, fraction, seed)
     assert len(out) == len(records)
-    assert all(r["split"] in SPLITS for r in out if r["error"] is None)
+    assert all(r.split in SPLITS for r in out if r.error is None)
     seen: dict = {}
     for r in out:
-        if r["error"] is None:
-            assert seen.setdefault(r["recording_id"], r["split"]) == r["split"], r["recording_id"]
+        if r.error is None:
+            assert seen.setdefault(r.recording_id, r.split) == r.split, r.recording_id
     # every language with two or more unsplit recordings is validated (when a fraction is asked for)
     free = defaultdict(set)
     for i, (lang, split, _) in enumerate(recordings):

@@ -162,8 +162,8 @@ def test_corpus_has_the_kaggle_layout_and_format(corpus):
         assert 0.85 < np.abs(x).max() < 0.92  # peak-normalised to about -1 dBFS
         assert np.sqrt(np.mean(x ** 2)) > 0.01  # speech all the way to the last fragment
     records = scan_kaggle(str(root))
-    assert all(r["error"] is None for r in records)
-    assert Counter(r["split"] for r in records) == {None: N_TRAIN, "test": N_TEST}
+    assert all(r.error is None for r in records)
+    assert Counter(r.split for r in records) == {None: N_TRAIN, "test": N_TEST}
 
 
 def test_corpus_splits_by_speaker_and_augments_only_train(corpus):
