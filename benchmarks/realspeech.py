@@ -171,7 +171,7 @@ def main() -> int:
                          w("store-encoder"), w("eval-encoder-distilled"), test_files, languages))
 
     if a.demo_model:
-        from langid.model import read_metadata
+        from langid.artifact import read_metadata
 
         cfg = read_metadata(a.demo_model)["feature_config"]
         test_manifest = write_manifest(w("manifest-test.csv"), [r for r in rows if r["split"] == "test"])

@@ -9,9 +9,10 @@ __version__ = "0.1.0"
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 
-def load_model(path: str, device: str | None = None, **kwargs):
-    """Load a trained model folder for prediction: `langid.load_model("model/").predict("clip.flac")`; the
-    other arguments are langid.inference.load_model's (backend, threads, window_seconds)."""
-    from langid.inference import load_model as _load
+def __getattr__(name: str):
+    """`langid.load_model` is `langid.inference.load_model`, imported on first use (`import langid` stays light)."""
+    if name == "load_model":
+        from langid.inference import load_model
 
-    return _load(path, device, **kwargs)
+        return load_model
+    raise AttributeError(f"module 'langid' has no attribute {name!r}")

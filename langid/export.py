@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from langid.config import FeatureConfig, TrainConfig
-from langid.model import LangIdNet, save_model
+from langid.artifact import save_model
+from langid.model import LangIdNet
 from langid.onnxmodel import export_folder
 from langid.trainset import VALID, iter_split
-
 from langid.uris import atomic_output
+
 
 def calibrate(model: LangIdNet, store: str, labels: list[str], cfg: FeatureConfig, batch_size: int = 64) -> dict:
     """Temperature scaling fitted on the validation windows (streamed), so reported confidences mean what they say."""

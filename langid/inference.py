@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from langid.audio import AudioError, from_array, load_audio
 from langid.errors import BadValue
 from langid.features import window_features
-from langid.model import load_model as _load_weights
 from langid.onnxmodel import INPUT, OUTPUT, cuda_available as _ort_cuda, log_softmax, onnx_session
 from langid.timeline import SWITCH_PENALTY, Segment, check_switch_penalty, smooth_path
+
+if TYPE_CHECKING:
+    import torch
 
 UNKNOWN = "unknown"
 BACKENDS = ("onnx", "torch")
@@ -45,7 +46,7 @@ class LanguageIdentifier:
     backend = "torch"
     default_batch_size = 32
 
-    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device):
+    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device | str):
         self.model, self.meta, self.device = model, meta, device
         self.labels: list[str] = meta["labels"]
         self.cfg = meta["feature_config"]
@@ -53,15 +54,17 @@ class LanguageIdentifier:
 
     # ----- arrays -----
 
-    @torch.no_grad()
     def logprobs(self, specs: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
         """(n, C) log-probabilities for (n, n_mels, frames) log-mel windows."""
+        import torch
+
         batch_size = batch_size or self.default_batch_size
         out = []
-        for i in range(0, len(specs), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(specs[i:i + batch_size], dtype=np.float32)).to(self.device)
-            logits = self.model(x.unsqueeze(1)).float() / self.temperature
-            out.append(torch.log_softmax(logits, dim=1).cpu().numpy())
+        with torch.no_grad():
+            for i in range(0, len(specs), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(specs[i:i + batch_size], dtype=np.float32)).to(self.device)
+                logits = self.model(x.unsqueeze(1)).float() / self.temperature
+                out.append(torch.log_softmax(logits, dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
     def file_windows(self, samples: np.ndarray, hop_seconds: Optional[float] = None):
@@ -155,7 +158,7 @@ class OnnxIdentifier(LanguageIdentifier):
     backend = "onnx"
     default_batch_size = 16  # benchmarks/onnx_speed.py: 16 and 32 fastest on one thread, 64 slower
 
-    def __init__(self, session, meta: dict, device: torch.device, onnx_path: str = ""):
+    def __init__(self, session, meta: dict, device: str, onnx_path: str = ""):
         super().__init__(None, meta, device)
         self.session, self.onnx_path = session, onnx_path
 
@@ -188,8 +191,9 @@ def load_model(path: str, device: Optional[str] = None, window_seconds: Optional
 
     A trained model runs with `backend` "onnx" (ONNX Runtime, its model.onnx exported on first use when missing or
     stale; on a CUDA device without ONNX Runtime's CUDA provider, torch runs it instead, as the GPU is faster) or
-    "torch" (the reference). `threads`: intra-op threads for ONNX Runtime and Whisper (0: torch's thread count).
-    Whisper runs on CTranslate2 whatever the backend."""
+    "torch" (the reference). `threads`: intra-op threads for ONNX Runtime, torch and Whisper (0: OMP_NUM_THREADS,
+    which Ray sets to a worker's CPUs, else the libraries' own choice). Whisper runs on CTranslate2 whatever the
+    backend. On CPU with ONNX Runtime, torch is not imported."""
     from langid.whisper import parse_spec
 
     if backend not in BACKENDS:
@@ -198,17 +202,44 @@ def load_model(path: str, device: Optional[str] = None, window_seconds: Optional
     if name is not None:
         return WhisperIdentifier(name, device, window_seconds, threads)
     _no_window(window_seconds)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if backend == "onnx" and (dev.type == "cpu" or _ort_cuda()):
-        session, meta, onnx_path = onnx_session(path, dev, threads or torch.get_num_threads())
-        return OnnxIdentifier(session, meta, dev, onnx_path)
-    model, meta = _load_weights(path, dev)
+    threads = threads or default_threads()
+    device = str(device) if device else ("cuda" if cuda_present() else "cpu")
+    if backend == "onnx" and (device == "cpu" or _ort_cuda()):
+        session, meta, onnx_path = onnx_session(path, device, threads)
+        return OnnxIdentifier(session, meta, device, onnx_path)
+    import torch
+
+    from langid.artifact import load_network
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    model, meta = load_network(path, dev)
     return LanguageIdentifier(model, meta, dev)
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set (Ray sets it to a worker's CPUs), else 0: each library's own default."""
+    try:
+        return max(0, int(os.environ.get("OMP_NUM_THREADS", "0")))
+    except ValueError:
+        return 0
+
+
+def cuda_present() -> bool:
+    """Whether torch sees a CUDA device, without importing torch (seconds) where no NVIDIA driver is installed."""
+    import sys
+
+    if sys.platform == "darwin" or (sys.platform.startswith("linux") and not os.path.exists("/dev/nvidiactl")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def describe_model(path: str, window_seconds: Optional[float] = None) -> dict:
     """A model's metadata (labels, feature configuration, architecture), checked, without loading its weights."""
-    from langid.model import inspect_model
+    from langid.artifact import inspect_model
     from langid.whisper import DEFAULT_WINDOW_SECONDS, describe, parse_spec
 
     name = parse_spec(path)
@@ -238,9 +269,8 @@ class WhisperIdentifier(LanguageIdentifier):
 
         if device is None:
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-        self.whisper = Whisper(name, device, threads or torch.get_num_threads())
-        super().__init__(None, self.whisper.metadata(window_seconds or DEFAULT_WINDOW_SECONDS),
-                         torch.device(self.whisper.device))
+        self.whisper = Whisper(name, device, threads or default_threads() or os.cpu_count() or 1)
+        super().__init__(None, self.whisper.metadata(window_seconds or DEFAULT_WINDOW_SECONDS), self.whisper.device)
 
     def logprobs(self, specs: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
         batch_size = batch_size or self.default_batch_size

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
-from langid.errors import BadValue
 from langid.config import MAX_SECONDS
+from langid.errors import BadValue
 from langid.inputs import Item, iter_archive
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.timeline import SWITCH_PENALTY, check_switch_penalty, merge_segments  # merge_segments: callers import it from here too
@@ -149,11 +149,8 @@ class Predictor:
     """Actor: loads the model once, then labels batches of featurized files with one batched forward."""
 
     def __init__(self, model_dir: str, opts: LabelOptions, threads: int = 1, backend: str = "onnx"):
-        import torch
-
         from langid.inference import load_model
 
-        torch.set_num_threads(max(1, threads))
         self.ident = load_model(model_dir, window_seconds=opts.window_seconds, threads=max(1, threads),
                                 backend=backend)
         self.opts = opts

@@ -1,11 +1,7 @@
-"""The network and the model artifact: a torchvision ResNet on one-channel log-mel input.
-
-A model folder holds `model.safetensors` (weights) and `model.json` (labels, feature configuration,
-architecture, schedule, metrics). Loading never unpickles anything.
-"""
+"""The network: a torchvision ResNet on one-channel log-mel input with fastai's head, or a small mlp on a
+front-end's embeddings; its starting weights. The folder it is saved in is `langid.artifact`'s."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -13,19 +9,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from langid.config import ARCHITECTURES, FeatureConfig
-from langid.errors import BadValue, UserError
+from langid.config import ARCHITECTURES
+from langid.errors import BadValue
 
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
-FORMAT_VERSION = 1
-MAX_LABELS = 10_000
 # log-mel images live in [0, 1]; ImageNet's grey-level statistics put them where pretrained filters expect
 INPUT_MEAN, INPUT_STD = 0.449, 0.226
-
-
-class ModelError(UserError):
-    """A model folder that cannot be loaded (missing, unsafe or inconsistent); one-line reason."""
 
 
 class AdaptiveConcatPool2d(nn.Module):
@@ -97,18 +85,26 @@ def layer_groups(model: LangIdNet) -> list[list[nn.Parameter]]:
     return [list(model.body[:k].parameters()), list(model.body[k:].parameters()), list(model.head.parameters())]
 
 
-def imagenet_weights(arch: str, weights_file: Optional[str] = None, download: bool = True):
-    """ImageNet weights from a given file, torchvision's cache, or a download; (state_dict or None, message)."""
+def initial_weights(arch: str, pretrained: bool = True, weights_file: Optional[str] = None,
+                    download: bool = True) -> tuple[Optional[dict], str]:
+    """The body's starting weights and a line saying where they came from: ImageNet's from a given file,
+    torchvision's cache or a download (None, so random, when offline, not asked for, or for the mlp)."""
+    if arch == "mlp":
+        return None, "mlp on the store's front-end embeddings: no ImageNet weights"
+    if not pretrained:
+        return None, "random initialisation (--no-pretrained)"
     import torchvision
+
+    from langid.artifact import ModelError, read_state_dict
 
     enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
     if weights_file:
         if not os.path.exists(weights_file):
             raise ModelError(f"{weights_file}: weights file not found")
-        return _read_state_dict(weights_file), f"ImageNet weights from {weights_file}"
+        return read_state_dict(weights_file), f"ImageNet weights from {weights_file}"
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
     if os.path.exists(cached):
-        return _read_state_dict(cached), f"ImageNet weights from torchvision's cache ({cached})"
+        return read_state_dict(cached), f"ImageNet weights from torchvision's cache ({cached})"
     if download:
         try:
             return enum.get_state_dict(progress=False, weights_only=True), "ImageNet weights downloaded"
@@ -117,147 +113,12 @@ def imagenet_weights(arch: str, weights_file: Optional[str] = None, download: bo
     return None, "no ImageNet weights cached; training from random initialisation"
 
 
-def _read_state_dict(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def build_model(arch: str, n_classes: int, pretrained: bool = True, weights_file: Optional[str] = None,
                 log=print, input_shape: Optional[tuple] = None) -> LangIdNet:
-    """A LangIdNet, with ImageNet weights in its body when they can be had (the message says which)."""
-    state = None
-    if arch == "mlp":
-        log("mlp on the store's front-end embeddings: no ImageNet weights")
-    elif pretrained:
-        state, message = imagenet_weights(arch, weights_file)
-        log(message)
-    else:
-        log("random initialisation (pretrained weights not asked for)")
+    """A LangIdNet with its `initial_weights` (`log` gets the line saying which)."""
+    state, message = initial_weights(arch, pretrained, weights_file)
+    log(message)
     return LangIdNet(arch, n_classes, resnet_state=state, input_shape=input_shape)
-
-
-def save_model(model: LangIdNet, folder: str, labels: list[str], cfg: FeatureConfig, extra: Optional[dict] = None) -> None:
-    """Write weights (safetensors) and metadata (JSON) atomically into `folder` (a path or URI)."""
-    from safetensors.torch import save_file
-
-    from langid.uris import StagedFolder, is_uri
-
-    if is_uri(folder):
-        with StagedFolder(folder) as local:
-            return save_model(model, local, labels, cfg, extra)
-    model = getattr(model, "module", model)
-    os.makedirs(folder, exist_ok=True)
-    meta = {"format_version": FORMAT_VERSION, "architecture": model.arch, "labels": list(labels),
-            "feature_config": cfg.to_dict(), **(extra or {})}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp_w, tmp_m = os.path.join(folder, f".{WEIGHTS_FILE}.tmp"), os.path.join(folder, f".{META_FILE}.tmp")
-    save_file(state, tmp_w, metadata={"format": "pt"})
-    with open(tmp_m, "w") as f:
-        json.dump(meta, f, indent=2, default=float)
-    os.replace(tmp_w, os.path.join(folder, WEIGHTS_FILE))
-    os.replace(tmp_m, os.path.join(folder, META_FILE))
-
-
-def read_metadata(folder: str) -> dict:
-    """model.json, validated before anything uses it."""
-    from langid.uris import local_folder
-
-    try:
-        folder = local_folder(folder)  # a model at a URI is read from a local copy
-    except (FileNotFoundError, OSError) as e:
-        raise ModelError(f"{folder}: model folder not readable ({' '.join(str(e).split())[:200]})") from None
-    path = os.path.join(folder, META_FILE)
-    if not os.path.isdir(folder):
-        raise ModelError(f"{folder}: model folder not found (train one with jobs/train.py)")
-    if not os.path.exists(path):
-        raise ModelError(f"{folder}: no {META_FILE}; not a langid model folder")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: unreadable metadata ({e})") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{path}: metadata must be a JSON object")
-    labels = meta.get("labels")
-    if not (isinstance(labels, list) and 0 < len(labels) <= MAX_LABELS and all(isinstance(x, str) and x for x in labels)
-            and len(set(labels)) == len(labels)):  # the cap: the head is built for them before the weights are read
-        raise ModelError(f"{path}: 'labels' must be a non-empty list of distinct strings (at most {MAX_LABELS})")
-    if meta.get("architecture") not in ARCHITECTURES:
-        raise ModelError(f"{path}: unknown architecture {meta.get('architecture')!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{path}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
-    try:
-        meta["feature_config"] = FeatureConfig.from_dict(meta.get("feature_config"), complete=True)
-    except (TypeError, ValueError) as e:
-        raise ModelError(f"{path}: bad feature_config ({e})") from None
-    calibration = meta.get("calibration", {})
-    temperature = calibration.get("temperature", 1.0) if isinstance(calibration, dict) else None
-    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-            and 0 < temperature < float("inf")):
-        raise ModelError(f"{path}: 'calibration' must be an object whose temperature is a positive number")
-    return meta
-
-
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".pt", ".bin", ".ckpt")
-
-
-def _weights_file(folder: str) -> str:
-    """The safetensors weights of a model folder; a folder holding a pickle is refused (it is never opened):
-    a model folder is written by langid, so a pickle in it was put there by someone else, on purpose or not."""
-    unsafe = sorted(f for f in os.listdir(folder) if f.lower().endswith(PICKLE_SUFFIXES))
-    weights = os.path.join(folder, WEIGHTS_FILE)
-    if unsafe:
-        missing = "" if os.path.exists(weights) else f"no {WEIGHTS_FILE}, and "
-        raise ModelError(f"{folder}: {missing}it holds {', '.join(unsafe)}: pickled files are never loaded; "
-                         f"remove them (weights load only from {WEIGHTS_FILE})")
-    if not os.path.exists(weights):
-        raise ModelError(f"{folder}: no {WEIGHTS_FILE}")
-    return weights
-
-
-def inspect_model(folder: str) -> dict:
-    """Metadata of a model folder whose weights are checked to fit it from their header alone (nothing loaded,
-    no pickle opened): a job finds a broken folder before it starts, not when its workers die loading it."""
-    from safetensors import SafetensorError, safe_open
-
-    from langid.uris import local_folder
-
-    meta = read_metadata(folder)
-    weights = _weights_file(local_folder(folder))
-    try:
-        with safe_open(weights, "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ModelError(f"{weights}: weights do not fit the metadata ({' '.join(str(e).split())[:200]})") from None
-    with torch.device("meta"):  # shapes without memory
-        model = LangIdNet(meta["architecture"], len(meta["labels"]), input_shape=meta["feature_config"].shape)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    wrong = sorted(set(shapes.items()) ^ set(expected.items()))
-    if wrong:
-        raise ModelError(f"{weights}: weights do not fit the metadata (for {meta['architecture']} with "
-                         f"{len(meta['labels'])} labels: {wrong[0][0]} {wrong[0][1]})")
-    return meta
-
-
-def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[LangIdNet, dict]:
-    """(model in eval mode, metadata) from a model folder (path or URI); refuses any pickle."""
-    from langid.uris import local_folder
-
-    meta = read_metadata(folder)
-    weights = _weights_file(local_folder(folder))
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    model = LangIdNet(meta["architecture"], len(meta["labels"]), input_shape=meta["feature_config"].shape)
-    try:
-        state = load_file(weights)
-        model.load_state_dict(state)
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise ModelError(f"{weights}: weights do not fit the metadata ({' '.join(str(e).split())[:200]})") from None
-    return model.to(device).eval(), meta
 
 
 def default_device(gpu: Optional[bool] = None) -> torch.device:

@@ -54,7 +54,7 @@ def export_onnx(model, input_shape: tuple, sha256: str) -> bytes:
 
 def export_folder(model, folder: str, input_shape: tuple) -> str:
     """model.onnx beside the model.safetensors that `save_model` just wrote for `model` in `folder`."""
-    from langid.model import WEIGHTS_FILE
+    from langid.artifact import WEIGHTS_FILE
 
     path = os.path.join(folder, ONNX_FILE)
     write_atomic(*filesystem(path), export_onnx(model, input_shape, weights_sha256(os.path.join(folder, WEIGHTS_FILE))))
@@ -118,19 +118,19 @@ def onnx_session(folder: str, device=None, threads: int = 0) -> tuple[object, di
     folder (path or URI): its model.onnx when current, else the cache's, else exported now into the folder or, when
     the folder cannot be written, the cache. The session is built from the bytes that were checked, so another
     process replacing the file meanwhile cannot slip in other weights."""
-    from langid.model import ModelError, _weights_file, load_model, read_metadata
+    from langid.artifact import ModelError, load_network, read_metadata, weights_file
     from langid.uris import is_uri, local_folder
 
     meta = read_metadata(folder)
     local = local_folder(folder)
-    weights = _weights_file(local)  # refuses a folder holding pickles, like the torch path
+    weights = weights_file(local)  # refuses a folder holding pickles, like the torch path
     sha = weights_sha256(weights)
     beside, cached = os.path.join(local, ONNX_FILE), cache_path(sha)
     for path in (beside, cached):
         session = _current(path, sha, meta, threads, device)
         if session is not None:
             return session, meta, path
-    model, meta = load_model(folder)  # weights that do not fit the metadata fail here, as in the torch path
+    model, meta = load_network(folder)  # weights that do not fit the metadata fail here, as in the torch path
     if weights_sha256(weights) != sha:
         raise ModelError(f"{weights}: the weights changed while being loaded; load the model again")
     data = export_onnx(model, meta["feature_config"].shape, sha)

@@ -152,21 +152,15 @@ def run_training(tc: TrainConfig, pretrained: bool = True, weights_file: Optiona
     """
     from langid.checkpoint import load_checkpoint
     from langid.export import export_model
-    from langid.model import imagenet_weights
+    from langid.model import initial_weights
 
     tc = replace(tc, store=absolute_uri(tc.store), output=absolute_uri(tc.output))
     cfg = Store(tc.store).read_config()
     data = training_data(tc.store)
     check_trainable(tc, data, cfg.frontend)
     check_run_settings(tc.output, tc, data.labels)
-    state = None
-    if tc.arch == "mlp":
-        log("mlp on the store's front-end embeddings")
-    elif pretrained:
-        state, message = imagenet_weights(tc.arch, weights_file)
-        log(message)
-    else:
-        log("random initialisation (--no-pretrained)")
+    state, message = initial_weights(tc.arch, pretrained, weights_file)
+    log(message)
     lines = WorkerLines(progress) if progress else contextlib.nullcontext()
     with lines as queue:
         checkpoint, seconds = _fit(tc, data, state, queue)

@@ -148,7 +148,7 @@ def model_dir(ray_local, tmp_path_factory):
     import torch
 
     import langid
-    from langid.model import save_model
+    from langid.artifact import save_model
     from langid.preprocess import run_preprocess
 
     torch.set_num_threads(1)

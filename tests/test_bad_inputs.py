@@ -31,7 +31,7 @@ import soundfile as sf
 from conftest import FREQ, REPO, TONE_CFG, tone, voice
 from langid.audio import AudioError, decode
 from langid.config import FeatureConfig
-from langid.model import ModelError
+from langid.artifact import ModelError
 from langid.store import ERRORS, WINDOWS
 from test_label import RAY_LOG, gcs_address, job_env, tree_snapshot
 
@@ -625,7 +625,7 @@ BAD_METADATA = [
 
 @pytest.mark.parametrize("spoil, words", BAD_METADATA, ids=range(len(BAD_METADATA)))
 def test_model_metadata_is_validated_before_use(model_dir, tmp_path, spoil, words):
-    from langid.model import ModelError, load_model
+    from langid.artifact import ModelError, load_network
 
     folder = tmp_path / "m"
     shutil.copytree(model_dir, folder)
@@ -634,7 +634,7 @@ def test_model_metadata_is_validated_before_use(model_dir, tmp_path, spoil, word
     (folder / "model.json").write_text(json.dumps(meta))
     t0 = time.monotonic()
     with pytest.raises(ModelError) as ei:
-        load_model(str(folder))
+        load_network(str(folder))
     assert words in str(ei.value) and "\n" not in str(ei.value) and len(str(ei.value)) < 400
     assert time.monotonic() - t0 < 30  # refused before anything is built from the values
 
@@ -642,13 +642,13 @@ def test_model_metadata_is_validated_before_use(model_dir, tmp_path, spoil, word
 @pytest.mark.parametrize("text", [b"", b"\x89PNG\r\n\x1a\n\x00\x00", b'{"labels": ["en", "de"]', b"\xff\xfe{}", b"null",
                                   b'{"feature_config": {"window_seconds": NaN}}'])
 def test_model_metadata_that_is_not_json(model_dir, tmp_path, text):
-    from langid.model import ModelError, load_model
+    from langid.artifact import ModelError, load_network
 
     folder = tmp_path / "m"
     shutil.copytree(model_dir, folder)
     (folder / "model.json").write_bytes(text)
     with pytest.raises(ModelError) as ei:
-        load_model(str(folder))
+        load_network(str(folder))
     assert "\n" not in str(ei.value) and "model.json" in str(ei.value)
 
 

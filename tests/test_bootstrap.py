@@ -191,7 +191,7 @@ def test_whisper_labels_every_file_and_knows_the_clips(archive):
 
 def test_bootstrap_chain_trains_a_student_that_labels_the_archive(archive, logmel_store, tmp_path):
     import langid
-    from langid.model import load_model
+    from langid.artifact import load_network
 
     store, res = logmel_store
     check_store(archive, store, res)
@@ -205,7 +205,7 @@ def test_bootstrap_chain_trains_a_student_that_labels_the_archive(archive, logme
                                            batch_size=8, max_failures=0), pretrained=False, log=lambda *_: None)
     assert trained["labels"] == found and trained["output"] == str(model)
     assert [(h["stage"], h["epoch"]) for h in trained["history"]] == [("head", 1), ("unfrozen", 1), ("head-again", 1)]
-    _, meta = load_model(str(model))
+    _, meta = load_network(str(model))
     assert (meta["labels"], meta["architecture"], meta["feature_config"]) == (found, "resnet18", LOGMEL)
     raw = json.loads((model / "model.json").read_text())
     assert raw["training"]["imagenet_pretrained"] is False and raw["training"]["store"] == str(store)

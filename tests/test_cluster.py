@@ -127,9 +127,9 @@ def test_cluster_store_matches_a_single_node_run(two_node_run, ray_local, tmp_pa
 
 @pytest.mark.slow
 def test_cluster_trained_model_loads_and_records_both_workers(two_node_run):
-    from langid.model import load_model
+    from langid.artifact import load_network
 
-    model, meta = load_model(str(two_node_run["model"]))
+    model, meta = load_network(str(two_node_run["model"]))
     assert meta["labels"] == sorted(BANDS)
     assert meta["training"]["workers"] == 2
     assert meta["feature_config"] == CFG

@@ -24,7 +24,8 @@ from conftest import REPO, write_wav
 from langid.config import FeatureConfig
 from langid.evaluation import evaluate
 from langid.inference import load_model as load_identifier
-from langid.model import LangIdNet, save_model
+from langid.artifact import save_model
+from langid.model import LangIdNet
 from langid.store import WINDOWS, Store, StoreError, logmel_matrix
 
 CFG = FeatureConfig(window_seconds=1.0, n_mels=32, hop_length=160)

@@ -309,7 +309,7 @@ RESUME_LINE = re.compile(r"resuming from checkpoint: stage (\d+), (\d+) epochs d
 def test_training_survives_a_killed_worker_and_resumes_from_its_checkpoint(ray_local, tmp_path):
     """The Ray Train worker is killed once a stage-2 epoch is checkpointed; Ray Train (FailureConfig
     max_failures) starts a new worker, which resumes from the last checkpoint: no epoch lost or trained twice."""
-    from langid.model import load_model
+    from langid.artifact import load_network
     from langid.preprocess import run_preprocess
     from langid.training import TrainConfig, default_schedule, run_training
 
@@ -357,7 +357,7 @@ def test_training_survives_a_killed_worker_and_resumes_from_its_checkpoint(ray_l
     for h, (train_loss, valid_loss) in zip(hist, printed, strict=True):
         assert float(h["train_loss"]) == pytest.approx(train_loss, abs=6e-5)
         assert float(h["valid_loss"]) == pytest.approx(valid_loss, abs=6e-5)
-    model, meta = load_model(str(out))
+    model, meta = load_network(str(out))
     assert meta["labels"] == sorted(BANDS)
     assert not [p for p in out.rglob("*.tmp")]
 

@@ -17,7 +17,8 @@ from conftest import REPO, tone, write_wav
 from langid import onnxmodel
 from langid.config import FeatureConfig
 from langid.inference import load_model
-from langid.model import LangIdNet, save_model
+from langid.artifact import save_model
+from langid.model import LangIdNet
 from langid.onnxmodel import ONNX_FILE, SHA_KEY, weights_sha256
 
 LABELS = ["aa", "bb", "cc"]
@@ -64,13 +65,30 @@ def exported_sha(ident) -> str:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One thread for both backends (ONNX Runtime takes torch's count): on a shared machine, spinning threads
-    waiting for a busy core make a test of seconds take a minute."""
+def one_thread(monkeypatch):
+    """One thread for both backends (both take OMP_NUM_THREADS): on a shared machine, spinning threads waiting for
+    a busy core make a test of seconds take a minute."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_onnx_on_cpu_never_imports_torch(tmp_path):
+    """Labeling actors and `langid predict` on CPU load no torch (seconds per process): the metadata, the weights'
+    hash and the session need none once model.onnx is current."""
+    folder = random_model(tmp_path / "m")
+    load_model(str(folder), "cpu")  # exports model.onnx beside the weights
+    clip = tmp_path / "a.wav"
+    write_wav(clip, tone(440.0, 2.0, CFG.sample_rate), CFG.sample_rate)
+    code = ("import sys, langid\n"
+            f"p = langid.load_model({str(folder)!r}, 'cpu').predict({str(clip)!r})\n"
+            "assert p.status == 'ok' and p.language in {'aa', 'bb', 'cc'}, p\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @pytest.fixture

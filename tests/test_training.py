@@ -24,8 +24,8 @@ import torch.nn as nn
 
 from conftest import REPO, write_wav
 from langid.config import FeatureConfig
-from langid.model import (META_FILE, WEIGHTS_FILE, LangIdNet, ModelError, layer_groups, load_model,
-                          save_model)
+from langid.artifact import META_FILE, WEIGHTS_FILE, ModelError, load_network, save_model
+from langid.model import LangIdNet, layer_groups
 from langid.learner import apply_stage, make_learner
 from langid.training import Stage, TrainConfig, default_schedule, run_training
 
@@ -247,7 +247,7 @@ def test_two_worker_run_exports_a_complete_model_folder(store, tmp_path):
     res = run_training(tc, pretrained=False)
     assert res["output"] == str(out)
 
-    model, meta = load_model(str(out))
+    model, meta = load_network(str(out))
     assert isinstance(model, LangIdNet) and not model.training
     assert meta["labels"] == sorted(BANDS) and meta["architecture"] == "resnet18"
     assert meta["feature_config"] == CFG
@@ -282,11 +282,11 @@ def test_two_worker_run_exports_a_complete_model_folder(store, tmp_path):
     for s in stages:
         folder = out / "stages" / s.name
         assert (folder / WEIGHTS_FILE).is_file(), folder
-        m, stage_meta = load_model(str(folder))
+        m, stage_meta = load_network(str(folder))
         assert stage_meta["labels"] == sorted(BANDS)
         assert stage_meta["metrics"]["valid"] == raw["best_per_stage"][s.name]
     # the model folder's weights are the last stage's best
-    last, _ = load_model(str(out / "stages" / "head-again"))
+    last, _ = load_network(str(out / "stages" / "head-again"))
     for (k, a), b in zip(model.state_dict().items(), last.state_dict().values()):
         assert torch.equal(a, b), k
     # nothing pickled, nothing temporary left in the model folder
@@ -389,7 +389,7 @@ def test_killed_training_resumes_from_its_checkpoint(ray_local, store, tmp_path)
     for h, d in zip(hist, done_rows):
         assert float(h["train_loss"]) == pytest.approx(d["train_loss"], rel=1e-6)
         assert float(h["valid_loss"]) == pytest.approx(d["valid_loss"], rel=1e-6)
-    model, meta = load_model(str(out))
+    model, meta = load_network(str(out))
     assert meta["labels"] == sorted(BANDS)
 
 
@@ -416,7 +416,7 @@ def test_save_then_load_gives_identical_predictions(tmp_path):
     save_model(model, str(tmp_path / "m"), labels, CFG, {"schedule": [asdict(s) for s in default_schedule()]})
     assert sorted(os.listdir(tmp_path / "m")) == [META_FILE, WEIGHTS_FILE]
 
-    loaded, meta = load_model(str(tmp_path / "m"))
+    loaded, meta = load_network(str(tmp_path / "m"))
     assert not loaded.training
     assert meta["labels"] == labels and meta["feature_config"] == CFG and meta["architecture"] == "resnet18"
     assert meta["schedule"][1]["lr_divisors"] == [9.0, 6.0, 1.0]
@@ -462,7 +462,7 @@ def test_load_refuses_pickled_weights(tmp_path):
     (folder / WEIGHTS_FILE).unlink()
     (folder / "model.pt").write_bytes(payload)
     with pytest.raises(ModelError) as ei:
-        load_model(str(folder))
+        load_network(str(folder))
     msg = str(ei.value)
     assert WEIGHTS_FILE in msg and "model.pt" in msg and "pickle" in msg
     assert "\n" not in msg
@@ -472,14 +472,14 @@ def test_load_refuses_pickled_weights(tmp_path):
     only.mkdir()
     (only / "model.pt").write_bytes(payload)
     with pytest.raises(ModelError, match="no model.json"):
-        load_model(str(only))
+        load_network(str(only))
     assert not marker.exists()
 
     # a pickle renamed to model.safetensors is refused as unreadable weights, never unpickled
     disguised = _saved(tmp_path, "disguised")
     (disguised / WEIGHTS_FILE).write_bytes(payload)
     with pytest.raises(ModelError, match="weights"):
-        load_model(str(disguised))
+        load_network(str(disguised))
     assert not marker.exists()
 
 
@@ -505,21 +505,21 @@ def test_load_refuses_bad_metadata(tmp_path, change, message):
     meta.update(change)
     (folder / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ModelError) as ei:
-        load_model(str(folder))
+        load_network(str(folder))
     assert message in str(ei.value)
     assert "\n" not in str(ei.value)
 
 
 def test_load_refuses_missing_or_unreadable_metadata(tmp_path):
     with pytest.raises(ModelError, match="model folder not found"):
-        load_model(str(tmp_path / "nowhere"))
+        load_network(str(tmp_path / "nowhere"))
     folder = _saved(tmp_path)
     (folder / META_FILE).write_text("{not json")
     with pytest.raises(ModelError, match="unreadable metadata"):
-        load_model(str(folder))
+        load_network(str(folder))
     (folder / META_FILE).write_text("[1, 2]")
     with pytest.raises(ModelError, match="must be a JSON object"):
-        load_model(str(folder))
+        load_network(str(folder))
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
