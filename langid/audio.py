@@ -10,7 +10,7 @@ import numpy as np
 import soundfile as sf
 
 from langid.config import MAX_SECONDS, FeatureConfig
-from langid.errors import UserError
+from langid.errors import UserError, one_line
 from langid.uris import is_uri, open_input
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
@@ -84,13 +84,13 @@ def decode(source: Source, max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray
     except AudioError:
         raise
     except sf.LibsndfileError as e:
-        raise AudioError(f"not a readable audio file ({_clean(e.error_string)})") from None
+        raise AudioError(f"not a readable audio file ({one_line(e.error_string)})") from None
     except PermissionError:
         raise AudioError("permission denied") from None
     except OSError as e:
         raise AudioError(f"cannot read: {e.strerror or e}") from None
     except (RuntimeError, ValueError, TypeError) as e:  # libsndfile raises these on some corrupt bodies
-        raise AudioError(f"corrupt audio data ({_clean(e)})") from None
+        raise AudioError(f"corrupt audio data ({one_line(e)})") from None
     samples = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     if samples.size == 0:
         raise AudioError("no audio samples (truncated or empty body)")
@@ -104,7 +104,7 @@ def _open_uri(uri: str):
     try:
         f = open_input(uri)
     except (OSError, ValueError) as e:  # pyarrow: FileNotFoundError, ArrowInvalid (a ValueError), IOError
-        raise AudioError(f"cannot open: {_clean(e)}") from None
+        raise AudioError(f"cannot open: {one_line(e)}") from None
     if f.size() == 0:
         raise AudioError("empty file (0 bytes)")
     return f
@@ -113,10 +113,6 @@ def _open_uri(uri: str):
 def downmix(frames: np.ndarray) -> np.ndarray:
     """(frames, channels) -> mono float32, the mean summed in float64: float32 sums overflow near its limit."""
     return frames.mean(axis=1, dtype=np.float64).astype(np.float32)
-
-
-def _clean(e: object) -> str:
-    return " ".join(str(e).split())[:200]
 
 
 def resample(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:

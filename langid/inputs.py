@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 from pyarrow.fs import FileType
 
 from langid.audio import AUDIO_EXTENSIONS
-from langid.errors import BadValue
+from langid.errors import BadValue, one_line
 from langid.uris import is_uri, kind, list_files
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
@@ -94,7 +94,7 @@ def iter_archive(path: str, all_files: bool = False, name: Optional[str] = None)
         else:
             yield from _iter_tar(path, all_files, name)
     except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as e:
-        yield Item(key=f"{name}{MEMBER_SEP}", error=f"unreadable archive ({' '.join(str(e).split())[:150]})")
+        yield Item(key=f"{name}{MEMBER_SEP}", error=f"unreadable archive ({one_line(e)})")
 
 
 def _iter_tar(path: str, all_files: bool, name: str) -> Iterator[Item]:
@@ -138,4 +138,4 @@ def _iter_zip(path: str, all_files: bool, name: str) -> Iterator[Item]:
                 try:
                     yield Item(key=key, data=z.read(info))
                 except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
-                    yield Item(key=key, error=f"unreadable archive member ({' '.join(str(e).split())[:150]})")
+                    yield Item(key=key, error=f"unreadable archive member ({one_line(e)})")

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
 from langid.config import MAX_SECONDS
-from langid.errors import BadValue
+from langid.errors import BadValue, one_line
 from langid.inputs import Item, iter_archive
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.timeline import SWITCH_PENALTY, check_switch_penalty, merge_segments  # merge_segments: callers import it from here too
@@ -95,7 +95,7 @@ def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seco
             except MemoryError:
                 errors[i] = "too large to decode in memory"
             except Exception as e:  # a bug costs the file's row, with its reason, and nothing more
-                errors[i] = to_wire(f"cannot decode: {type(e).__name__}: {e}")
+                errors[i] = to_wire(f"cannot decode: {one_line(e, named=True)}")
             attempts.done(key)
         durations.append(audio.duration if features is not None else 0.0)
         f = features or (np.zeros((0, *cfg.shape), np.float32), np.zeros(0), np.zeros(0, bool))
@@ -166,7 +166,7 @@ class Predictor:
         try:
             lp = ident.logprobs(specs) if len(specs) else None
         except Exception as e:  # an error row with the reason, not a lost batch that passes for a dead process
-            errors = [err or f"cannot label: {type(e).__name__}: {e}" for err in errors]
+            errors = [err or f"cannot label: {one_line(e, named=True)}" for err in errors]
         n_labels = len(ident.labels)
         cols = {name: [] for name in self.schema.names if name not in ("probabilities", "segments")}
         probs = np.full((len(keys), n_labels), np.nan)
@@ -179,7 +179,7 @@ class Predictor:
                     pred = ident.decide(key, lp[a:b], starts[a:b], speech[a:b], float(durations[i]), o.languages,
                                         o.min_confidence, o.top_k, o.switch_penalty)
                 except Exception as e:
-                    errors[i] = to_wire(f"cannot label: {type(e).__name__}: {e}")
+                    errors[i] = to_wire(f"cannot label: {one_line(e, named=True)}")
             if pred is None:
                 values = ("", None, "", None, 0, 0, "error", errors[i])
             else:

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from langid.config import FeatureConfig
-from langid.errors import UserError
+from langid.errors import UserError, one_line
 from langid.sources import SourceFile
 from langid.uris import _join, filesystem, is_hidden_temp, write_atomic
 
@@ -90,8 +90,7 @@ class Store:
         try:
             return FeatureConfig.from_json(text, complete=True)
         except ValueError as e:  # not JSON, or bad values
-            reason = " ".join(str(e).split())[:200]
-            raise StoreError(f"{self.path(CONFIG_FILE)}: bad feature configuration ({reason})") from None
+            raise StoreError(f"{self.path(CONFIG_FILE)}: bad feature configuration ({one_line(e)})") from None
 
     def init(self, cfg: FeatureConfig) -> None:
         """Create the store, or check that an existing one was built with the same features."""
