@@ -4,14 +4,13 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Union
+from typing import BinaryIO, Callable, Union
 
 import numpy as np
 import soundfile as sf
 
 from langid.config import MAX_SECONDS, FeatureConfig
 from langid.errors import UserError, one_line
-from langid.uris import is_uri, open_input
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
 TARGET_RMS_DBFS = -20.0
@@ -21,7 +20,8 @@ READ_BLOCK_FRAMES = 1 << 16
 # the highest rate audio is recorded at; a header claiming more is broken (and resampling it costs seconds)
 MAX_SOURCE_RATE = 768_000
 
-Source = Union[str, os.PathLike, BinaryIO, bytes]
+# a local path, the file's bytes, a binary file object, or a function that opens one (uris.opener, for a URI)
+Source = Union[str, os.PathLike, BinaryIO, bytes, Callable[[], BinaryIO]]
 
 
 class AudioError(UserError):
@@ -45,15 +45,15 @@ def dbfs(x: np.ndarray) -> float:
 
 
 def decode(source: Source, max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray, int, int]:
-    """Read a file (path, bytes or binary file object) to mono float32; returns (samples, rate, channels).
+    """Read a file (a Source) to mono float32; returns (samples, rate, channels).
 
     Reads block by block and downmixes as it goes, so a header that declares a huge length costs
     only what the body really holds, and a file longer than `max_seconds` is refused early.
     """
     if isinstance(source, bytes):
         source = io.BytesIO(source)
-    if isinstance(source, str) and is_uri(source):
-        source = _open_uri(source)
+    if callable(source):
+        source = _open(source)
     if isinstance(source, (str, os.PathLike)):
         if os.path.isdir(source):
             raise AudioError("is a directory, not an audio file")
@@ -99,14 +99,15 @@ def decode(source: Source, max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray
     return samples, rate, channels
 
 
-def _open_uri(uri: str):
-    """A file in an object store, opened for block reads (soundfile seeks in it as in a local file)."""
+def _open(opener: Callable[[], BinaryIO]) -> BinaryIO:
+    """The seekable file `opener` opens, its failure an AudioError as a local file's would be."""
     try:
-        f = open_input(uri)
+        f = opener()
     except (OSError, ValueError) as e:  # pyarrow: FileNotFoundError, ArrowInvalid (a ValueError), IOError
         raise AudioError(f"cannot open: {one_line(e)}") from None
-    if f.size() == 0:
+    if f.seek(0, io.SEEK_END) == 0:
         raise AudioError("empty file (0 bytes)")
+    f.seek(0)
     return f
 
 

@@ -12,6 +12,10 @@ from langid.config import FeatureConfig
 SHORT_SECONDS = 1.0
 
 
+class FeatureError(AudioError):
+    """Samples that have no features (NaN or infinite values); an AudioError too: to a job, the file's reason."""
+
+
 # librosa's Slaney mel scale (librosa.hz_to_mel / mel_to_hz with htk=False)
 MEL_STEP_HZ = 200.0 / 3
 MIN_LOG_HZ = 1000.0
@@ -25,7 +29,7 @@ def log_mel(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
 
     Referencing the maximum (as the write-up's `power_to_db(..., ref=np.max)`) makes features
     independent of recording level; `top_db` and the floor/ceiling fix the range deterministically.
-    Raises AudioError for NaN/inf samples.
+    Raises FeatureError for NaN/inf samples.
     """
     if samples.ndim != 1:
         raise ValueError(f"expected a mono signal (frames,), got shape {samples.shape}")
@@ -107,7 +111,7 @@ def _power_to_db(power: np.ndarray, amin: float, top_db: float) -> np.ndarray:
 
 def check_finite(samples: np.ndarray) -> None:
     if not np.all(np.isfinite(samples)):
-        raise AudioError("audio contains NaN or infinite samples")
+        raise FeatureError("audio contains NaN or infinite samples")
 
 
 def window_starts(n_samples: int, cfg: FeatureConfig, hop_seconds: float | None = None) -> list[int]:

@@ -148,7 +148,9 @@ class LanguageIdentifier:
             if sample_rate is None:
                 raise ValueError("give sample_rate with an array")
             return from_array(source, sample_rate, self.cfg.sample_rate), len(source) / sample_rate
-        audio = load_audio(source, self.cfg.sample_rate)
+        from langid.uris import opener
+
+        audio = load_audio(opener(source) if isinstance(source, str) else source, self.cfg.sample_rate)
         return audio.samples, audio.duration
 
 

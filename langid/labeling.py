@@ -26,8 +26,8 @@ from langid.errors import BadValue, one_line
 from langid.inputs import Item, iter_archive
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.timeline import SWITCH_PENALTY, check_switch_penalty, merge_segments  # merge_segments: callers import it from here too
-from langid.uris import (atomic_output, exists, from_wire, is_uri, open_input, put_file, remove_leftovers, staging_path,
-                         to_wire, utf8_name)
+from langid.uris import (atomic_output, exists, from_wire, is_uri, open_input, opener, put_file, remove_leftovers,
+                         staging_path, to_wire, utf8_name)
 
 BASE_COLUMNS = ["path", "language", "confidence", "top_languages", "duration", "windows", "windows_used",
                 "status", "error"]
@@ -85,7 +85,7 @@ def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seco
         elif errors[i] is None:
             try:
                 data = datas[i].as_py()
-                source = data if data is not None else from_wire(paths[i].as_py())
+                source = data if data is not None else opener(from_wire(paths[i].as_py()))
                 crash_hook(key)
                 audio = load_audio(source, cfg.sample_rate, max_seconds=max_seconds)
                 # float32 as in the API, so the job gives exactly the API's answers

@@ -11,11 +11,11 @@ import pyarrow as pa
 
 from langid.audio import AudioError, load_audio
 from langid.config import MAX_SECONDS, FeatureConfig
-from langid.features import file_flags, flagged_window_features, to_png
+from langid.features import FeatureError, file_flags, flagged_window_features, to_png
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.sources import ManifestOptions, SourceFile, assign_splits, find_sources
 from langid.store import ERROR_SCHEMA, ERRORS, FILE_FIELDS, WINDOW_SCHEMA, WINDOWS, Store, shard_id
-from langid.uris import absolute_uri, from_wire, to_wire, utf8_name, write_atomic
+from langid.uris import absolute_uri, from_wire, opener, to_wire, utf8_name, write_atomic
 
 # the files a task computes: each one's record and `source`, the path to open (as uris.to_wire spells it)
 WORK_SCHEMA = ERROR_SCHEMA.append(pa.field("source", pa.string()))
@@ -36,7 +36,7 @@ def process_file(record: SourceFile, source: str, cfg: FeatureConfig, max_second
         return None, record.error
     try:
         crash_hook(source)
-        audio = load_audio(source, cfg.sample_rate, max_seconds=max_seconds)
+        audio = load_audio(opener(source), cfg.sample_rate, max_seconds=max_seconds)
     except AudioError as e:
         return None, str(e)
     except MemoryError:
@@ -44,7 +44,7 @@ def process_file(record: SourceFile, source: str, cfg: FeatureConfig, max_second
     fflags = file_flags(audio.duration, audio.rms_dbfs, audio.peak_dbfs, cfg)
     try:
         specs, starts, wflags = flagged_window_features(audio.samples, cfg)
-    except AudioError as e:
+    except FeatureError as e:
         return None, str(e)
     n, rows, cols = specs.shape
     offsets = pa.array(np.arange(n + 1, dtype=np.int64) * (rows * cols), pa.int32())  # raises rather than wraps

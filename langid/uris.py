@@ -6,6 +6,7 @@ model for torch, a report for matplotlib) are staged: fetched into, or written i
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -153,6 +154,11 @@ def open_input(location: str):
     """A seekable binary file for a path or URI (soundfile reads from it)."""
     fs, path = filesystem(location)
     return fs.open_input_file(path)
+
+
+def opener(location: str):
+    """What audio.decode reads for a path or URI: a local path as it is, for a URI a function that opens it."""
+    return functools.partial(open_input, location) if is_uri(location) else location
 
 
 _fetched: dict[str, str] = {}
