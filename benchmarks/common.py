@@ -7,8 +7,10 @@ import os
 import platform
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+import psutil
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -97,42 +99,20 @@ def write_results(name: str, markdown: str, data: dict) -> tuple[Path, Path]:
     return md, js
 
 
-def _proc_stats() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds used) for every process, read from /proc (Linux)."""
-    tick = os.sysconf("SC_CLK_TCK")
+def process_tree() -> list[psutil.Process]:
+    """This process and every process it started (an embedded Ray's raylet, GCS and workers)."""
+    me = psutil.Process()
+    return [me, *me.children(recursive=True)]
+
+
+def tree_cpu_seconds() -> dict[int, float]:
+    """CPU seconds of this process and each descendant, by pid."""
     out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended meanwhile
-            continue
-        out[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    for p in process_tree():
+        with suppress(psutil.Error):  # the process ended meanwhile
+            times = p.cpu_times()
+            out[p.pid] = times.user + times.system
     return out
-
-
-def tree_cpu_seconds() -> dict[int, float] | None:
-    """CPU seconds of this process and each descendant (Ray's raylet, GCS and workers), or None off Linux."""
-    if not os.path.isdir("/proc"):
-        return None
-    stats = _proc_stats()
-    tree, frontier = {os.getpid()}, [os.getpid()]
-    while frontier:
-        parent = frontier.pop()
-        kids = [pid for pid, (ppid, _) in stats.items() if ppid == parent and pid not in tree]
-        tree.update(kids)
-        frontier.extend(kids)
-    return {pid: stats[pid][1] for pid in tree if pid in stats}
-
-
-def cpu_used_since(before: dict[int, float] | None) -> float | None:
-    """CPU seconds the process tree used since `before` (processes that started since count in full)."""
-    after = tree_cpu_seconds()
-    if before is None or after is None:
-        return None
-    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 class Poller:
@@ -226,9 +206,8 @@ class RowClock(Poller):
 
 def _cmdline(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
 
 
@@ -251,8 +230,8 @@ def ray_role(pid: int, cmdline: str) -> str:
 
 class CpuByRole(Poller):
     """CPU seconds the process tree used while the block ran, per role (ray_role of each process at the time it
-    used them: a worker that ran reading tasks and then decoding tasks counts under each), sampled every `every` s
-    from /proc (Linux). `.seconds` after the block: {role: CPU s}; `.pids`: {role: [pids]}."""
+    used them: a worker that ran reading tasks and then decoding tasks counts under each), sampled every `every` s.
+    `.seconds` after the block: {role: CPU s}; `.pids`: {role: [pids]}."""
 
     def __init__(self, every: float = 0.5):
         super().__init__(every)
@@ -262,10 +241,7 @@ class CpuByRole(Poller):
         self._roles: dict[int, str] = {}
 
     def poll(self):
-        now = tree_cpu_seconds()
-        if now is None:
-            return
-        for pid, cpu in now.items():
+        for pid, cpu in tree_cpu_seconds().items():
             role = ray_role(pid, _cmdline(pid))
             if role == "idle Ray worker" and pid in self._roles:
                 role = self._roles[pid]  # its last work is what it just used CPU for
@@ -281,7 +257,7 @@ class CpuByRole(Poller):
         return pid in self._before
 
     def __enter__(self):
-        self._before = set(tree_cpu_seconds() or {})  # processes already there: only their CPU from now counts
+        self._before = set(tree_cpu_seconds())  # processes already there: only their CPU from now counts
         return super().__enter__()
 
     def __exit__(self, *exc):

@@ -37,12 +37,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import suppress
 
 import numpy as np
+import psutil
 import soundfile as sf
 
 from common import (CpuByRole, Poller, RowClock, cpu_count, facts_line, load_averages, machine_facts,
-                    markdown_table, wait_for_quiet, write_results)
+                    markdown_table, process_tree, wait_for_quiet, write_results)
 
 from langid.config import FeatureConfig
 
@@ -174,47 +176,12 @@ def bench_limit(model_dir: str, specs: np.ndarray, batch: int, passes: int, torc
 
 # ---------------------------------------------------------------- memory of the process tree
 
-def _children_proc(pid: int) -> list[int]:
-    kids = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(entry))
-    out, frontier = [], [pid]
-    while frontier:
-        p = frontier.pop()
-        out.append(p)
-        frontier.extend(kids.get(p, []))
-    return out
-
-
 def tree_rss() -> int:
     """Bytes resident in this process and all its descendants (the embedded Ray's GCS, raylet, workers)."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        me = psutil.Process()
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-    page = os.sysconf("SC_PAGE_SIZE")
     total = 0
-    for pid in _children_proc(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * page
-        except OSError:
-            pass
+    for p in process_tree():
+        with suppress(psutil.Error):  # the process ended meanwhile
+            total += p.memory_info().rss
     return total
 
 
@@ -269,7 +236,7 @@ class Spy(Poller):
         if self._stop.is_set():
             return
         targets = {}
-        for pid in tree_cpu_seconds() or {}:
+        for pid in tree_cpu_seconds():
             line = _cmdline(pid)
             if "Predictor" in line and "model actor" not in targets:
                 targets["model actor"] = (pid, line.split()[0])
@@ -589,7 +556,7 @@ def memory(a: argparse.Namespace, tmp: str, facts: dict) -> tuple[str, dict]:
         "# Labeling memory", "", facts_line(facts), "",
         markdown_table(runs, columns), "",
         "RSS summed over this process and every process it started (embedded Ray: GCS, raylet, workers), "
-        f"sampled every 0.25 s{' with psutil' if _has_psutil() else ' from /proc'}. Shared pages (Ray's object "
+        "sampled every 0.25 s with psutil. Shared pages (Ray's object "
         "store, libraries) count once per process, so the sum is an upper bound; what matters is the change "
         "with the number of files. Inputs: hard links to one 1-s clip listed in an @list file; model: resnet18, "
         "1-s windows, 32 mels, random weights.", "", "## Goal", "",
@@ -597,14 +564,6 @@ def memory(a: argparse.Namespace, tmp: str, facts: dict) -> tuple[str, dict]:
         f"({per_file:+.2f} KiB per extra file); goal: no growth beyond noise (taken as {noise:.0f} MiB).",
         *([f"- {sum(r['errors'] for r in runs)} error rows (should be 0)"] if any(r["errors"] for r in runs) else [])])
     return md, {"facts": facts, "runs": runs}
-
-
-def _has_psutil() -> bool:
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import soundfile as sf
 
-from common import (Poller, clocks, cpu_count, facts_line, load_average, machine_facts, markdown_table, stopwatch,
-                    tree_cpu_seconds, write_results)
+from common import (Poller, _cmdline, clocks, cpu_count, facts_line, load_average, machine_facts, markdown_table,
+                    stopwatch, tree_cpu_seconds, write_results)
 
 from langid.audio import load_audio
 from langid.config import MAX_SECONDS, FeatureConfig
@@ -349,11 +349,7 @@ def cpu_by_role(before: dict[int, float], after: dict[int, float]) -> dict:
     roles = {"driver": 0.0, "workers": 0.0, "Ray Data actors": 0.0, "Ray system processes": 0.0}
     for pid, cpu in after.items():
         used = cpu - before.get(pid, 0.0)
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                name = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            name = ""
+        name = _cmdline(pid)
         if pid == os.getpid():
             roles["driver"] += used
         elif name.startswith("ray::_") or "Actor" in name.split(" ")[0]:
@@ -387,7 +383,7 @@ def bench_ray(input_dir: str, files: int, cfg: FeatureConfig, png: bool, batch_s
             t1 = time.perf_counter()
             res = run_preprocess(input_dir, store, cfg, png=png, batch_size=batch_size, progress=False)
             seconds = time.perf_counter() - t1
-        cpu = cpu_by_role(cpu0, tree_cpu_seconds()) if cpu0 is not None else None
+        cpu = cpu_by_role(cpu0, tree_cpu_seconds())
     finally:
         ray.shutdown()
     if res.failed or res.ok != files:

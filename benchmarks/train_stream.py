@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from contextlib import suppress
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,10 +39,11 @@ GIB = 1024 ** 3
 VALID_FRACTION = 0.1
 
 
-# ---------------------------------------------------------------- memory readings (Linux /proc)
+# ---------------------------------------------------------------- memory readings
 
 def memory_status(pid: str = "self") -> dict:
     """Resident bytes of a process by kind: private (RssAnon) and shared memory (RssShmem)."""
+    # read from /proc (Linux): psutil's `shared` adds the file-backed pages (RssFile) to RssShmem
     out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -53,15 +55,13 @@ def memory_status(pid: str = "self") -> dict:
 
 def tree_pss() -> int:
     """Proportional set size of this process and every descendant (shared pages counted once in all)."""
-    from common import tree_cpu_seconds
+    import psutil
+    from common import process_tree
 
     total = 0
-    for pid in tree_cpu_seconds() or {}:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
-        except (OSError, StopIteration):
-            pass
+    for p in process_tree():
+        with suppress(psutil.Error):  # the process ended meanwhile
+            total += p.memory_full_info().pss
     return total
 
 

@@ -73,6 +73,8 @@ def decode(source: Source, max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray
                 raise AudioError(f"invalid header: {rate} Hz, {channels} channels")
             max_frames = int(max_seconds * rate)
             blocks, total = [], 0
+            # read until the body ends, not SoundFile.blocks: that counts the frames the header declares, and past
+            # a truncated body (an MP3 cut in half: 320,000 declared, 157,295 there) yields stale buffer contents
             while True:
                 block = f.read(READ_BLOCK_FRAMES, dtype="float32", always_2d=True)
                 if not len(block):

@@ -132,6 +132,8 @@ def window_starts(n_samples: int, cfg: FeatureConfig, hop_seconds: float | None 
 
 
 def pad_or_crop(samples: np.ndarray, length: int) -> np.ndarray:
+    """The first `length` samples, zero-padded at the end when fewer."""
+    # librosa.util.fix_length, written out: importing it loads numba, 1.4 s of each worker's start-up
     if len(samples) >= length:
         return samples[:length]
     return np.pad(samples, (0, length - len(samples)))

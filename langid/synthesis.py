@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 import numpy as np
 import soundfile as sf
 
+from langid.features import pad_or_crop
 from langid.uris import atomic_output, list_files
 
 SYNTH_RATE = 22050
@@ -267,10 +268,6 @@ def _peak_normalise(x: np.ndarray) -> np.ndarray:
     return (x * np.float32(PEAK / peak) if peak > 0 else x).astype(np.float32)
 
 
-def _fit(x: np.ndarray, n: int = FRAGMENT_SAMPLES) -> np.ndarray:
-    return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
-
-
 def _rng(*key) -> random.Random:
     return random.Random(":".join(map(str, key)))
 
@@ -332,8 +329,9 @@ def augment(recording: np.ndarray, fragment: int, kind: str, index: int, key: st
 
         factor = rng.uniform(*SPEED_RANGE)
         window = recording[start:start + int(round(FRAGMENT_SAMPLES * factor))]
-        return _fit(soxr.resample(window, SYNTH_RATE * factor, SYNTH_RATE, quality="HQ").astype(np.float32))
-    x = _fit(recording[start:start + FRAGMENT_SAMPLES])
+        return pad_or_crop(soxr.resample(window, SYNTH_RATE * factor, SYNTH_RATE, quality="HQ").astype(np.float32),
+                           FRAGMENT_SAMPLES)
+    x = pad_or_crop(recording[start:start + FRAGMENT_SAMPLES], FRAGMENT_SAMPLES)
     if kind == "pitch":
         import librosa
 
@@ -390,7 +388,7 @@ def _build_speaker(job: dict) -> int:
         bank = _noise_bank(job["noise_dir"])
         for frag, kind, index, name in todo:
             if kind == "original":
-                x = _fit(recording[frag * FRAGMENT_SAMPLES:(frag + 1) * FRAGMENT_SAMPLES])
+                x = pad_or_crop(recording[frag * FRAGMENT_SAMPLES:(frag + 1) * FRAGMENT_SAMPLES], FRAGMENT_SAMPLES)
             else:
                 x = augment(recording, frag, kind, index, speaker.recording_id, bank)
             write_flac(os.path.join(job["folder"], name), _peak_normalise(x))

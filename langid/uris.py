@@ -176,8 +176,8 @@ def local_folder(location: str) -> str:
         dest = tempfile.mkdtemp(prefix="langid-" + hashlib.sha1(location.encode()).hexdigest()[:8] + "-")
         for info in fs.get_file_info(pafs.FileSelector(path)):
             if info.type == pafs.FileType.File:
-                with fs.open_input_stream(info.path) as src, open(os.path.join(dest, info.base_name), "wb") as dst:
-                    shutil.copyfileobj(src, dst, COPY_CHUNK)
+                pafs.copy_files(info.path, os.path.join(dest, info.base_name), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
         _fetched[location] = dest
     return _fetched[location]
 
@@ -187,6 +187,8 @@ def publish_folder(local: str, location: str) -> None:
     if not is_uri(location) or os.path.abspath(local) == location:
         return
     fs, root = filesystem(location)
+    # file by file through write_atomic, not pyarrow.fs.copy_files: that neither orders the files nor hides a
+    # file while it is half-copied
     files = [os.path.relpath(p, local) for p in list_files(local)]
     for rel in sorted(files, key=lambda r: (os.path.basename(r) in LAST_FILES, r)):
         with open(os.path.join(local, rel), "rb") as f:
