@@ -161,15 +161,20 @@ def load_audio(source: Source, sample_rate: int = FeatureConfig.sample_rate,
                max_seconds: float = MAX_SECONDS) -> Audio:
     """Decode, downmix to mono, resample to `sample_rate` and normalise level."""
     raw, rate, channels = decode(source, max_seconds=max_seconds)
-    peak = float(np.max(np.abs(raw)))
-    level = dbfs(raw)
+    return audio_from_array(raw, rate, sample_rate, channels)
+
+
+def audio_from_array(raw: np.ndarray, rate: float, sample_rate: int = FeatureConfig.sample_rate,
+                     channels: int | None = None) -> Audio:
+    """An `Audio` (samples as `from_array` makes them, and the source's level) from decoded samples."""
     samples = from_array(raw, rate, sample_rate)
+    raw = np.asarray(raw, dtype=np.float32)
     return Audio(
         samples=samples,
         sample_rate=sample_rate,
         source_sample_rate=rate,
-        source_channels=channels,
+        source_channels=channels or (raw.shape[1] if raw.ndim == 2 else 1),
         duration=len(raw) / rate,
-        peak_dbfs=20.0 * np.log10(max(peak, 1e-10)),
-        rms_dbfs=level,
+        peak_dbfs=20.0 * np.log10(max(float(np.max(np.abs(raw))), 1e-10)),
+        rms_dbfs=dbfs(raw),
     )

@@ -152,10 +152,15 @@ def windows(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None =
         yield start / cfg.sample_rate, pad_or_crop(chunk, size), flags
 
 
-def window_features(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None = None):
-    """(features (n, *cfg.shape) float32, start seconds (n,), speech mask (n,)) for a whole mono signal."""
+def window_features(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None = None,
+                    source_dbfs: float = 0.0):
+    """(features (n, *cfg.shape) float32, start seconds (n,), speech mask (n,)) for a whole mono signal.
+
+    A window is speech unless it is silent, or the whole source is (`source_dbfs`, its level before normalisation,
+    judged as `file_flags` judges it): the rule the store's quality flags give evaluation."""
     specs, starts, flags = flagged_window_features(samples, cfg, hop_seconds)
-    return specs, starts, np.array(["silent" not in f for f in flags])
+    loud = source_dbfs >= cfg.silence_dbfs
+    return specs, starts, np.array([loud and "silent" not in f for f in flags], dtype=bool)
 
 
 def flagged_window_features(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None = None):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from langid.audio import AudioError, from_array, load_audio
+from langid.audio import Audio, AudioError, audio_from_array, load_audio
 from langid.errors import BadValue
 from langid.features import window_features
 from langid.onnxmodel import INPUT, OUTPUT, cuda_available as _ort_cuda, log_softmax, onnx_session
@@ -67,9 +67,9 @@ class LanguageIdentifier:
                 out.append(torch.log_softmax(logits, dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
-    def file_windows(self, samples: np.ndarray, hop_seconds: Optional[float] = None):
-        """(specs, starts, speech mask) for a mono signal at the model's rate."""
-        return window_features(samples, self.cfg, hop_seconds)
+    def file_windows(self, audio: Audio, hop_seconds: Optional[float] = None):
+        """(specs, starts, speech mask) for a file's audio at the model's rate."""
+        return window_features(audio.samples, self.cfg, hop_seconds, audio.rms_dbfs)
 
     def decide(self, path: str, window_logprobs: np.ndarray, starts: np.ndarray, speech: np.ndarray,
                duration: float, languages: Optional[Sequence[str]] = None, min_confidence: float = 0.0,
@@ -127,13 +127,13 @@ class LanguageIdentifier:
         for source in sources:
             name = "<array>" if isinstance(source, np.ndarray) else str(source)
             try:
-                samples, duration = self._samples(source, sample_rate)
+                audio = self._audio(source, sample_rate)
             except AudioError as e:
                 results.append(Prediction(path=name, status="error", error=str(e)))
                 continue
-            specs, starts, speech = self.file_windows(samples, hop_seconds)
+            specs, starts, speech = self.file_windows(audio, hop_seconds)
             results.append(None)
-            pending.append((len(results) - 1, name, specs, starts, speech, duration))
+            pending.append((len(results) - 1, name, specs, starts, speech, audio.duration))
         if pending:
             lp = self.logprobs(np.concatenate([p[2] for p in pending]), batch_size)
             offset = 0
@@ -143,15 +143,14 @@ class LanguageIdentifier:
                 offset += len(specs)
         return results
 
-    def _samples(self, source, sample_rate: Optional[int]):
+    def _audio(self, source, sample_rate: Optional[int]) -> Audio:
         if isinstance(source, np.ndarray):
             if sample_rate is None:
                 raise ValueError("give sample_rate with an array")
-            return from_array(source, sample_rate, self.cfg.sample_rate), len(source) / sample_rate
+            return audio_from_array(source, sample_rate, self.cfg.sample_rate)
         from langid.uris import opener
 
-        audio = load_audio(opener(source) if isinstance(source, str) else source, self.cfg.sample_rate)
-        return audio.samples, audio.duration
+        return load_audio(opener(source) if isinstance(source, str) else source, self.cfg.sample_rate)
 
 
 class OnnxIdentifier(LanguageIdentifier):

@@ -89,7 +89,7 @@ def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seco
                 crash_hook(key)
                 audio = load_audio(source, cfg.sample_rate, max_seconds=max_seconds)
                 # float32 as in the API, so the job gives exactly the API's answers
-                features = window_features(audio.samples, cfg, hop)
+                features = window_features(audio.samples, cfg, hop, audio.rms_dbfs)
             except AudioError as e:
                 errors[i] = to_wire(str(e))  # libsndfile's message may quote the path
             except MemoryError:

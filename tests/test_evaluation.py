@@ -78,8 +78,8 @@ def store(ray_local, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def silent_store(ray_local, tmp_path_factory):
-    """A store whose test split holds MIXED, a file silent throughout and a file without silence (each language
-    has a training recording too, for `random_model`)."""
+    """A store whose test split holds MIXED, a file silent throughout, a file without silence and a file whose
+    source level is below the silence threshold (each language has a training recording too, for `random_model`)."""
     from langid.preprocess import run_preprocess
 
     corpus = tmp_path_factory.mktemp("silentstore") / "corpus"
@@ -90,6 +90,8 @@ def silent_store(ray_local, tmp_path_factory):
               np.concatenate([band_noise(*BANDS["aa"], 2.0, 10), np.zeros(RATE, np.float32)]), RATE)
     write_wav(test / kaggle_name("aa", "f", "silent"), np.zeros(3 * RATE, np.float32), RATE)
     write_wav(test / kaggle_name("bb", "f", "sound"), band_noise(*BANDS["bb"], 2.0, 11), RATE)
+    quiet = band_noise(*BANDS["bb"], 2.0, 12)  # at -70 dBFS: each window loud once the level is normalised
+    write_wav(test / kaggle_name("bb", "m", "quiet"), quiet * 10 ** (-70 / 20) / np.sqrt(np.mean(quiet ** 2)), RATE)
     res = run_preprocess(str(corpus), str(corpus.parent / "store"), CFG, progress=False)
     assert res.failed == 0, res.errors
     return corpus.parent / "store", sorted(test.iterdir())
@@ -310,17 +312,17 @@ def test_labeling_and_evaluation_answer_alike_for_files_with_silence(silent_stor
     evaluated = pd.read_csv(tmp_path / "report" / "predictions.csv").set_index("path")
     flags = split_windows(store).groupby("path").quality_flags
     windows, silent = flags.size(), flags.agg(lambda f: int(f.fillna("").str.contains("silent").sum()))
-    assert sorted((silent / windows).tolist()) == [0, 1 / 3, 1]  # the premise: no, one and every window silent
+    assert sorted((silent / windows).tolist()) == [0, 1 / 3, 1, 1]  # the premise: no, one and every window silent
     labelled = load_identifier(str(model_dir), device="cpu").predict_many(files)
     for path, label in zip(files, labelled):
         key = next(k for k in windows.index if k.endswith(path.name))
         assert (label.windows, label.windows_used) == (windows[key], windows[key] - silent[key])
         if silent[key] == windows[key]:
             assert (label.language, label.error) == ("unknown", "no speech found")
-            assert r["files_without_speech"] == [key] and key not in evaluated.index
+            assert key in r["files_without_speech"] and key not in evaluated.index
             continue
         row = evaluated.loc[key]
         assert label.language == row.predicted
         got = row[[f"p_{x}" for x in LABELS]].to_numpy(float)
         np.testing.assert_allclose([label.probabilities[x] for x in LABELS], got, atol=5e-5, err_msg=key)
-    assert r["files"] == len(evaluated) == 2 and "without speech" in (tmp_path / "report" / "report.md").read_text()
+    assert r["files"] == len(evaluated) == 2 and len(r["files_without_speech"]) == 2 and "without speech" in (tmp_path / "report" / "report.md").read_text()

@@ -552,7 +552,7 @@ def test_stages_pass_columns_not_rows_or_json(model_dir, tmp_path, monkeypatch):
     assert feats.schema == labeling.FEATURE_SCHEMA and feats.schema.field("specs").type == pa.list_(pa.float32())
     ident = load_model(str(model_dir), "cpu")
     for i, p in enumerate(paths):  # a file's windows, laid end to end: exactly the API's features
-        specs, starts, speech = ident.file_windows(load_audio(p, CFG.sample_rate).samples)
+        specs, starts, speech = ident.file_windows(load_audio(p, CFG.sample_rate))
         assert feats.column("n_windows")[i].as_py() == len(specs)
         np.testing.assert_array_equal(feats.column("specs")[i].values.to_numpy(), specs.ravel())
     assert feats.column("error")[3].as_py().startswith("empty file")
