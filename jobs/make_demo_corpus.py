@@ -12,6 +12,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from langid.cli import int_at_least  # noqa: E402
+from langid.errors import UserError  # noqa: E402
 from langid.synthesis import build_demo_corpus, build_long_files  # noqa: E402
 
 DEFAULT_NOISE_DIR = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "noise"))
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
             noise_dir=args.noise_dir or None, workers=args.workers, progress=not args.quiet)
         long_dir = args.long_dir or os.path.join(os.path.dirname(os.path.abspath(args.output)), "long")
         long_files = build_long_files(args.output, long_dir, args.long_files)
-    except ValueError as e:
+    except UserError as e:  # a bad flag or language; anything else is a bug, with its traceback
         print(f"make_demo_corpus.py: error: {e}", file=sys.stderr)
         return 2
     per_language = ", ".join(

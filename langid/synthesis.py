@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 import numpy as np
 import soundfile as sf
 
+from langid.errors import BadValue
 from langid.features import pad_or_crop
 from langid.uris import atomic_output, list_files
 
@@ -125,16 +126,16 @@ def synthesize(text: str, voice: str, rate: int = 175, pitch: int = 50, pitch_ra
     global _ENGINE
     language, _, variant = voice.partition("+")
     if language.lower() not in available_languages():
-        raise ValueError(f"unknown language {language!r}: espeak-ng has no voice for it")
+        raise BadValue(f"unknown language {language!r}: espeak-ng has no voice for it")
     if variant and variant not in available_variants():  # espeak silently ignores unknown variants
-        raise ValueError(f"unknown voice variant {variant!r} (see espeak-ng-data/voices/!v)")
+        raise BadValue(f"unknown voice variant {variant!r} (see espeak-ng-data/voices/!v)")
     with _LOCK:
         if _ENGINE is None:
             _ENGINE = _Engine()
         lib = _ENGINE.lib
         # on failure espeak keeps the previous voice, so the status must be checked
         if lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
-            raise ValueError(f"espeak-ng cannot select voice {voice!r}")
+            raise BadValue(f"espeak-ng cannot select voice {voice!r}")
         for param, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range)):
             lib.espeak_SetParameter(param, int(value), 0)
         lib.espeak_ng_SetRandSeed(1)  # klatt voices add random breath noise
@@ -168,7 +169,7 @@ def _words(language: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
     if not words and language in _BUILTIN_WORDS:
         words = _BUILTIN_WORDS[language].split()
     if not words:
-        raise ValueError(f"no word list for language {language!r}: wordfreq lacks it and there is no built-in list")
+        raise BadValue(f"no word list for language {language!r}: wordfreq lacks it and there is no built-in list")
     return tuple(words), tuple(1.0 / (rank + 10) for rank in range(len(words)))
 
 
@@ -188,7 +189,7 @@ def check_language(language: str) -> None:
     """Raise ValueError unless `language` can be synthesised and named in the Kaggle pattern."""
     if not re.fullmatch(r"[a-z]{2,3}", language or "") or language not in available_languages():
         usable = [c for c in available_languages() if re.fullmatch(r"[a-z]{2,3}", c) and _has_words(c)]
-        raise ValueError(f"unknown language {language!r}: espeak-ng has no voice for it "
+        raise BadValue(f"unknown language {language!r}: espeak-ng has no voice for it "
                          f"(languages with a voice and a word list: {', '.join(usable)})")
     _words(language)
 
@@ -234,7 +235,7 @@ def _variant_pools(seed: int, train_speakers: int, test_speakers: int) -> dict[s
         pools["train"][g].extend(names[k:])
     for split, count in (("train", train_speakers), ("test", test_speakers)):
         if -(-count // 2) > min(map(len, pools[split])):
-            raise ValueError(f"not enough voice variants for {train_speakers} training and {test_speakers} test "
+            raise BadValue(f"not enough voice variants for {train_speakers} training and {test_speakers} test "
                              f"speakers per language ({len(MALE_VARIANTS)} male, {len(FEMALE_VARIANTS)} female variants)")
     return pools
 
@@ -407,11 +408,11 @@ def build_demo_corpus(root: str, languages: Iterable[str] = ("en", "de", "es"), 
     for name, value in (("train_speakers", train_speakers), ("test_speakers", test_speakers),
                         ("speed", speed), ("pitch", pitch), ("noise", noise)):
         if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+            raise BadValue(f"{name} must be >= 0, got {value}")
     if fragments < 1 or workers < 1:
-        raise ValueError(f"fragments and workers must be >= 1, got {fragments} and {workers}")
+        raise BadValue(f"fragments and workers must be >= 1, got {fragments} and {workers}")
     if not languages:
-        raise ValueError("no languages given")
+        raise BadValue("no languages given")
     for language in languages:
         check_language(language)
     root = os.path.abspath(root)
