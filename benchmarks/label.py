@@ -106,7 +106,8 @@ def random_model(folder: str, cfg: FeatureConfig, labels: list[str] = LABELS, ar
     """A model folder as training leaves it (weights, metadata, model.onnx), with random weights."""
     import torch
 
-    from langid.model import LangIdNet, save_model
+    from langid.artifact import save_model
+    from langid.model import LangIdNet
     from langid.onnxmodel import export_folder
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import os
 from typing import Optional
 
 from langid.config import ARCHITECTURES, FeatureConfig
-from langid.errors import UserError
+from langid.errors import UserError, one_line
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -57,7 +57,7 @@ def read_metadata(folder: str) -> dict:
     try:
         folder = local_folder(folder)  # a model at a URI is read from a local copy
     except (FileNotFoundError, OSError) as e:
-        raise ModelError(f"{folder}: model folder not readable ({' '.join(str(e).split())[:200]})") from None
+        raise ModelError(f"{folder}: model folder not readable ({one_line(e)})") from None
     path = os.path.join(folder, META_FILE)
     if not os.path.isdir(folder):
         raise ModelError(f"{folder}: model folder not found (train one with jobs/train.py)")
@@ -120,7 +120,7 @@ def inspect_model(folder: str) -> dict:
         with safe_open(weights, "numpy") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise ModelError(f"{weights}: weights do not fit the metadata ({' '.join(str(e).split())[:200]})") from None
+        raise ModelError(f"{weights}: weights do not fit the metadata ({one_line(e)})") from None
     import torch
 
     from langid.model import LangIdNet
@@ -151,5 +151,5 @@ def load_network(folder: str, device="cpu"):
         state = load_file(weights)
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError, OSError) as e:
-        raise ModelError(f"{weights}: weights do not fit the metadata ({' '.join(str(e).split())[:200]})") from None
+        raise ModelError(f"{weights}: weights do not fit the metadata ({one_line(e)})") from None
     return model.to(device).eval(), meta

@@ -175,7 +175,7 @@ class Whisper:
             self.model = ctranslate2.models.Whisper(self.folder, device=self.device, compute_type=compute_type,
                                                     intra_threads=max(1, threads))
         except (RuntimeError, ValueError) as e:
-            raise WhisperError(f"{PREFIX}{name}: {self.folder} cannot be loaded ({' '.join(str(e).split())[:200]})") from None
+            raise WhisperError(f"{PREFIX}{name}: {self.folder} cannot be loaded ({one_line(e)})") from None
         self.index = {f"<|{lang}|>": i for i, lang in enumerate(self.languages)}
 
     def metadata(self, window_seconds: float = DEFAULT_WINDOW_SECONDS) -> dict:
