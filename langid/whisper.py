@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from langid.errors import BadValue, UserError
+from langid.errors import BadValue, UserError, one_line
 
 PREFIX = "whisper:"
 SAMPLE_RATE, N_FFT, HOP_LENGTH = 16000, 400, 160
