@@ -63,13 +63,6 @@ def _check(row, audio):
     assert -40.0 < dbfs(audio.samples) <= -19.9
 
 
-def test_manifest_is_there_and_complete():
-    assert len(ROWS) >= 100
-    for row in ROWS:
-        assert (REALSPEECH / row["file"]).is_file(), row["file"]
-    assert len({r["language"] for r in ROWS}) >= 10
-
-
 @pytest.mark.parametrize("row", ROWS, ids=[r["file"] for r in ROWS])
 def test_clip_decodes_as_manifest_says(row):
     audio = load_audio(str(REALSPEECH / row["file"]))
