@@ -216,22 +216,6 @@ def test_training_learns_the_separable_corpus(store, tmp_path):
     assert np.mean([p.language == t for p, t in zip(preds, truth)]) >= 0.9, [p.language for p in preds]
 
 
-@pytest.mark.slow
-def test_lr_find_streams_the_train_split_and_draws_its_plot(ray_local, store, tmp_path):
-    from PIL import Image
-
-    from langid.training import run_lr_find
-
-    store_dir, _ = store
-    out = tmp_path / "model"
-    res = run_lr_find(TrainConfig(store=str(store_dir), output=str(out), arch="resnet18", batch_size=8),
-                      pretrained=False)
-    assert res["plot"] == str(out / "lr_find.png")
-    assert 1e-7 < res["valley"] < 10  # inside fastai's sweep (1e-7 to 10)
-    with Image.open(res["plot"]) as im:
-        assert im.format == "PNG" and im.size[0] > 100
-
-
 # ---------- 3. two workers ----------
 
 @pytest.mark.slow
