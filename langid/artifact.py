@@ -141,10 +141,11 @@ def load_network(folder: str, device="cpu"):
     from langid.model import LangIdNet
     from langid.uris import local_folder
 
-    meta = read_metadata(folder)
-    weights = weights_file(local_folder(folder))
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    meta = inspect_model(folder)  # weights of another shape are named as such, before anything is loaded
+    weights = weights_file(local_folder(folder))
 
     model = LangIdNet(meta["architecture"], len(meta["labels"]), input_shape=meta["feature_config"].shape)
     try:

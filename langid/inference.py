@@ -238,8 +238,10 @@ def cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
-def describe_model(path: str, window_seconds: Optional[float] = None) -> dict:
-    """A model's metadata (labels, feature configuration, architecture), checked, without loading its weights."""
+def describe_model(path: str, window_seconds: Optional[float] = None, backend: str = "onnx") -> dict:
+    """A model's metadata (labels, feature configuration, architecture), checked against its weights before a job
+    starts. For ONNX Runtime through a current model.onnx (exported now when missing, so the job's actors find it),
+    which needs no torch in the driver; for torch from the weights' header."""
     from langid.artifact import inspect_model
     from langid.whisper import DEFAULT_WINDOW_SECONDS, describe, parse_spec
 
@@ -247,6 +249,8 @@ def describe_model(path: str, window_seconds: Optional[float] = None) -> dict:
     if name is not None:
         return describe(name, window_seconds or DEFAULT_WINDOW_SECONDS)
     _no_window(window_seconds)
+    if backend == "onnx":
+        return onnx_session(path, "cpu", 1)[1]
     return inspect_model(path)
 
 

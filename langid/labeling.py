@@ -360,7 +360,7 @@ def label(job: LabelJob) -> LabelResult:
     from langid.inference import check_languages, describe_model  # here: decode tasks need no torch
 
     t0 = time.perf_counter()
-    meta = describe_model(job.model, job.options.window_seconds)
+    meta = describe_model(job.model, job.options.window_seconds, job.backend)
     check_languages(job.options.languages, meta["labels"])
     if job.parquet and not job.options.probabilities:  # the Parquet output carries the full probability vector
         job = replace(job, options=replace(job.options, probabilities=True))

@@ -20,6 +20,7 @@ from langid.uris import filesystem, write_atomic
 
 ONNX_FILE = "model.onnx"
 SHA_KEY = "langid.weights_sha256"
+ARCH_KEY = "langid.architecture"  # with the hash and the graph's shapes: the metadata the graph was made for
 INPUT, OUTPUT = "specs", "logits"
 OPSET = 17
 ORT_ERROR = 3  # ONNX Runtime's log severity: errors only, no warnings printed to the user
@@ -36,7 +37,7 @@ def weights_sha256(path: str) -> str:
 
 def export_onnx(model, input_shape: tuple, sha256: str) -> bytes:
     """The model's logits graph for (batch, *input_shape) float32 input, batch dynamic: exported from a CPU, float32,
-    eval-mode copy (the caller's model is left as it was), `sha256` recorded in its metadata."""
+    eval-mode copy (the caller's model is left as it was), `sha256` and the architecture recorded in its metadata."""
     import onnx
     import torch
 
@@ -48,7 +49,7 @@ def export_onnx(model, input_shape: tuple, sha256: str) -> bytes:
                           do_constant_folding=True, input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
     proto = onnx.load_model_from_string(buf.getvalue())
-    onnx.helper.set_model_props(proto, {SHA_KEY: sha256})
+    onnx.helper.set_model_props(proto, {SHA_KEY: sha256, ARCH_KEY: model.arch})
     return proto.SerializeToString()
 
 
@@ -100,8 +101,8 @@ def _session(data: bytes, threads: int, device):
 
 
 def _current(path: str, sha256: str, meta: dict, threads: int, device):
-    """A session of the ONNX file at `path` when it was exported from these weights for this metadata's input and
-    labels; None when absent, stale or unreadable (an interrupted copy: exported again)."""
+    """A session of the ONNX file at `path` when it was exported from these weights for this metadata's
+    architecture, input and labels; None when absent, stale or unreadable (an interrupted copy: exported again)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -110,7 +111,9 @@ def _current(path: str, sha256: str, meta: dict, threads: int, device):
         return None
     fits = (session.get_inputs()[0].shape[1:] == list(meta["feature_config"].shape)
             and session.get_outputs()[0].shape[1:] == [len(meta["labels"])])
-    return session if fits and session.get_modelmeta().custom_metadata_map.get(SHA_KEY) == sha256 else None
+    made_for = session.get_modelmeta().custom_metadata_map
+    current = made_for.get(SHA_KEY) == sha256 and made_for.get(ARCH_KEY) == meta["architecture"]
+    return session if fits and current else None
 
 
 def onnx_session(folder: str, device=None, threads: int = 0) -> tuple[object, dict, str]:

@@ -76,13 +76,16 @@ def one_thread(monkeypatch):
 
 
 def test_onnx_on_cpu_never_imports_torch(tmp_path):
-    """Labeling actors and `langid predict` on CPU load no torch (seconds per process): the metadata, the weights'
-    hash and the session need none once model.onnx is current."""
+    """Labeling actors, the label job's driver (its check of the model) and `langid predict` on CPU load no torch
+    (seconds per process, and again at exit): the metadata, the weights' hash and the session need none once
+    model.onnx is current."""
     folder = random_model(tmp_path / "m")
     load_model(str(folder), "cpu")  # exports model.onnx beside the weights
     clip = tmp_path / "a.wav"
     write_wav(clip, tone(440.0, 2.0, CFG.sample_rate), CFG.sample_rate)
     code = ("import sys, langid\n"
+            "from langid.inference import describe_model\n"
+            f"assert describe_model({str(folder)!r})['labels'] == {LABELS!r}\n"
             f"p = langid.load_model({str(folder)!r}, 'cpu').predict({str(clip)!r})\n"
             "assert p.status == 'ok' and p.language in {'aa', 'bb', 'cc'}, p\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
