@@ -327,7 +327,8 @@ def test_training_survives_a_killed_worker_and_resumes_from_its_checkpoint(ray_l
         return len(json.loads((ckpt / "state.json").read_text())["history"]) if ckpt else 0
 
     with WorkerKiller([(TRAIN_WORKER, 2)], epochs_checkpointed) as killer:
-        run_training(tc, pretrained=False, log=lambda *_: None)
+        # progress=None: rank 0 prints its lines into its own log (as with --quiet), which tells the two workers apart
+        run_training(tc, pretrained=False, log=lambda *_: None, progress=None)
     assert len(killer.killed) == 1, "training ended before the kill"
     killed_pid, _, checkpointed, _ = killer.killed[0]
     restarted = killer.seen[TRAIN_WORKER] - {killed_pid}
