@@ -51,9 +51,16 @@ def score_store(ident: LanguageIdentifier, store_uri: str, split: str = "test", 
     silent = pc.match_substring(windows.column("quality_flags"), "silent").fill_null(False)
     files, file_lp = metrics.aggregate_windows(np.concatenate(lps), windows.column("path").to_pylist(),
                                                ~silent.to_numpy(zero_copy_only=False))
-    # in first-seen order, as aggregate_windows gives the files
-    first = windows.group_by("path", use_threads=False).aggregate([("language", "first"), ("speaker", "first")])
-    return files, first.column("language_first").to_pylist(), first.column("speaker_first").to_pylist(), file_lp
+    languages, speakers = file_values(windows, files, ("language", "speaker"))
+    return files, languages, speakers, file_lp
+
+
+def file_values(windows: pa.Table, files: list, columns: Sequence[str]) -> list[list]:
+    """Each column's value for each of `files` (in that order), from their windows' rows."""
+    first = windows.group_by("path", use_threads=False).aggregate([(c, "first") for c in columns])
+    # looked up by path: Arrow orders its groups its own way (not first-seen when a file's windows are apart)
+    row = {p: i for i, p in enumerate(first.column("path").to_pylist())}
+    return [[values[row[f]] for f in files] for values in (first.column(f"{c}_first").to_pylist() for c in columns)]
 
 
 def evaluate(model_dir: str, store_uri: str, output: str, split: str = "test", batch_size: Optional[int] = None,

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
 
 from conftest import REPO, write_wav
 from langid.config import FeatureConfig
-from langid.evaluation import evaluate
+from langid.evaluation import evaluate, file_values
 from langid.inference import load_model as load_identifier
 from langid.artifact import save_model
 from langid.model import LangIdNet
@@ -326,3 +327,20 @@ def test_labeling_and_evaluation_answer_alike_for_files_with_silence(silent_stor
         got = row[[f"p_{x}" for x in LABELS]].to_numpy(float)
         np.testing.assert_allclose([label.probabilities[x] for x in LABELS], got, atol=5e-5, err_msg=key)
     assert r["files"] == len(evaluated) == 2 and len(r["files_without_speech"]) == 2 and "without speech" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_file_values_follow_the_files_order_whatever_arrow_groups():
+    """A file's language and speaker are its own when its windows lie apart in the store (as in the demo's
+    store): Arrow's groups then come in an order of their own, which once gave files each other's languages."""
+    rng = np.random.default_rng(0)
+    names = [f"corpus/{'aa' if i % 2 else 'bb'}_m_{rng.integers(0, 2 ** 63):032x}.fragment{i}.flac" for i in range(36)]
+    order = rng.permutation(np.repeat(np.arange(36), 3))
+    paths = [names[i] for i in order]
+    windows = pa.table({"path": paths, "language": [p.split("/")[1][:2] for p in paths],
+                        "speaker": [p.split("_")[2][:8] for p in paths]})
+    files = list(dict.fromkeys(paths))  # first-seen, as aggregate_windows orders them
+    grouped = windows.group_by("path", use_threads=False).aggregate([("language", "first")])
+    assert grouped.column("path").to_pylist() != files  # the premise: Arrow's order is not the files' order
+    languages, speakers = file_values(windows, files, ("language", "speaker"))
+    assert languages == [f.split("/")[1][:2] for f in files]
+    assert speakers == [f.split("_")[2][:8] for f in files]
