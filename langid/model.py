@@ -106,8 +106,12 @@ def initial_weights(arch: str, pretrained: bool = True, weights_file: Optional[s
     if os.path.exists(cached):
         return read_state_dict(cached), f"ImageNet weights from torchvision's cache ({cached})"
     if download:
+        import contextlib
+        import io
+
         try:
-            return enum.get_state_dict(progress=False, weights_only=True), "ImageNet weights downloaded"
+            with contextlib.redirect_stdout(io.StringIO()):  # torch.hub's "Downloading: <url>" line; ours says it
+                return enum.get_state_dict(progress=False, weights_only=True), "ImageNet weights downloaded"
         except Exception as e:  # offline is a normal condition here, not a crash
             return None, f"no ImageNet weights ({type(e).__name__}: offline?); training from random initialisation"
     return None, "no ImageNet weights cached; training from random initialisation"
