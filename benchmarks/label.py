@@ -132,7 +132,8 @@ def clip_windows(paths: list[str], cfg: FeatureConfig) -> np.ndarray:
     from langid.audio import load_audio
     from langid.features import window_features
 
-    return np.concatenate([window_features(load_audio(p, cfg.sample_rate).samples, cfg)[0] for p in paths])
+    audios = [load_audio(p, cfg.sample_rate) for p in paths]
+    return np.concatenate([window_features(a.samples, cfg, source_dbfs=a.rms_dbfs)[0] for a in audios])
 
 
 def time_forward(model_dir: str, specs: np.ndarray, backend: str, threads: int, batch: int, passes: int) -> dict:

@@ -59,7 +59,7 @@ def measure(idents: dict, specs: np.ndarray, batch: int, repeats: int) -> dict:
 def clip_windows(cfg: FeatureConfig) -> int:
     from langid.features import window_features
 
-    return len(window_features(np.zeros(int(CLIP_SECONDS * cfg.sample_rate), np.float32), cfg)[0])
+    return len(window_features(np.zeros(int(CLIP_SECONDS * cfg.sample_rate), np.float32), cfg, source_dbfs=0.0)[0])
 
 
 def run(a: argparse.Namespace, tmp: str, facts: dict) -> tuple[str, dict]:

@@ -152,14 +152,14 @@ def windows(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None =
         yield start / cfg.sample_rate, pad_or_crop(chunk, size), flags
 
 
-def window_features(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None = None,
-                    source_dbfs: float = 0.0):
+def window_features(samples: np.ndarray, cfg: FeatureConfig, hop_seconds: float | None = None, *,
+                    source_dbfs: float):
     """(features (n, *cfg.shape) float32, start seconds (n,), speech mask (n,)) for a whole mono signal.
 
     A window is speech unless it is silent, or the whole source is (`source_dbfs`, its level before normalisation,
     judged as `file_flags` judges it): the rule the store's quality flags give evaluation."""
     specs, starts, flags = flagged_window_features(samples, cfg, hop_seconds)
-    loud = source_dbfs >= cfg.silence_dbfs
+    loud = not is_silent(source_dbfs, cfg)
     return specs, starts, np.array([loud and "silent" not in f for f in flags], dtype=bool)
 
 
@@ -186,10 +186,15 @@ def featurize(chunks: list, lengths: list, cfg: FeatureConfig) -> np.ndarray:
     return whisper.embed(mels, np.array(lengths) // cfg.hop_length)
 
 
+def is_silent(rms_dbfs: float, cfg: FeatureConfig) -> bool:
+    """Whether a file is silent, judged on its source level before normalisation."""
+    return rms_dbfs < cfg.silence_dbfs
+
+
 def file_flags(duration: float, rms_dbfs: float, peak_dbfs: float, cfg: FeatureConfig) -> list[str]:
     """Quality flags of a whole file, judged on the source level before normalisation."""
     flags = []
-    if rms_dbfs < cfg.silence_dbfs:
+    if is_silent(rms_dbfs, cfg):
         flags.append("silent")
     if duration < SHORT_SECONDS:
         flags.append("short")

@@ -69,7 +69,7 @@ class LanguageIdentifier:
 
     def file_windows(self, audio: Audio, hop_seconds: Optional[float] = None):
         """(specs, starts, speech mask) for a file's audio at the model's rate."""
-        return window_features(audio.samples, self.cfg, hop_seconds, audio.rms_dbfs)
+        return window_features(audio.samples, self.cfg, hop_seconds, source_dbfs=audio.rms_dbfs)
 
     def decide(self, path: str, window_logprobs: np.ndarray, starts: np.ndarray, speech: np.ndarray,
                duration: float, languages: Optional[Sequence[str]] = None, min_confidence: float = 0.0,
@@ -231,7 +231,8 @@ def cuda_present() -> bool:
     """Whether torch sees a CUDA device, without importing torch (seconds) where no NVIDIA driver is installed."""
     import sys
 
-    if sys.platform == "darwin" or (sys.platform.startswith("linux") and not os.path.exists("/dev/nvidiactl")):
+    driver = ("/dev/nvidiactl", "/dev/dxg")  # NVIDIA's Linux driver; WSL2's GPU
+    if sys.platform == "darwin" or (sys.platform.startswith("linux") and not any(map(os.path.exists, driver))):
         return False
     import torch
 

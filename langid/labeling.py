@@ -11,7 +11,6 @@ import csv
 import io
 import math
 import os
-import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -26,8 +25,8 @@ from langid.errors import BadValue, one_line
 from langid.inputs import Item, iter_archive
 from langid.poison import PROCESS_DIED, Attempts, crash_hook
 from langid.timeline import SWITCH_PENALTY, check_switch_penalty, merge_segments  # merge_segments: callers import it from here too
-from langid.uris import (atomic_output, exists, from_wire, is_uri, open_input, opener, put_file, remove_leftovers,
-                         staging_path, to_wire, utf8_name)
+from langid.uris import (atomic_output, exists, filesystem, from_wire, is_uri, open_input, opener, put_file,
+                         remove_leftovers, staging_path, to_wire, utf8_name, write_atomic)
 
 BASE_COLUMNS = ["path", "language", "confidence", "top_languages", "duration", "windows", "windows_used",
                 "status", "error"]
@@ -89,7 +88,7 @@ def featurize_batch(batch: pa.Table, cfg_dict: dict, hop_factor: float, max_seco
                 crash_hook(key)
                 audio = load_audio(source, cfg.sample_rate, max_seconds=max_seconds)
                 # float32 as in the API, so the job gives exactly the API's answers
-                features = window_features(audio.samples, cfg, hop, audio.rms_dbfs)
+                features = window_features(audio.samples, cfg, hop, source_dbfs=audio.rms_dbfs)
             except AudioError as e:
                 errors[i] = to_wire(str(e))  # libsndfile's message may quote the path
             except MemoryError:
@@ -399,8 +398,8 @@ def _upload(job: LabelJob, local: LabelJob) -> None:
 
 
 def _download(uri: str, local: str) -> None:
-    with open_input(uri) as src, atomic_output(local) as tmp, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+    with open_input(uri) as src:
+        write_atomic(*filesystem(local), src)
 
 
 class Outputs:

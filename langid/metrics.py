@@ -5,7 +5,6 @@ import warnings
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-from scipy.special import log_softmax, logsumexp
 
 
 def aggregate_windows(window_logprobs: np.ndarray, file_ids: Sequence[Hashable], speech) -> tuple[list, np.ndarray]:
@@ -25,7 +24,7 @@ def aggregate_windows(window_logprobs: np.ndarray, file_ids: Sequence[Hashable],
     np.add.at(sums, inverse, w[speech])
     counts = np.bincount(inverse, minlength=len(index))[:, None]
     mean = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
-    return list(index), mean - logsumexp(mean, axis=1, keepdims=True)
+    return list(index), mean - np.logaddexp.reduce(mean, axis=1, keepdims=True)
 
 
 def classification_report(y_true, y_pred, labels: list[str]) -> dict:
@@ -93,6 +92,8 @@ def detection_llrs(logprobs: np.ndarray) -> np.ndarray:
     """Per-language log-likelihood ratios: logp_T - log(mean over j != T of p_j), shape (n, C)."""
     logprobs = np.asarray(logprobs, dtype=np.float64)
     n_classes = logprobs.shape[1]
+    from scipy.special import logsumexp
+
     others = np.stack([logsumexp(np.delete(logprobs, t, axis=1), axis=1) for t in range(n_classes)], axis=1)
     return logprobs - (others - np.log(n_classes - 1))
 
@@ -138,6 +139,8 @@ def per_group_accuracy(y_true, y_pred, groups: Sequence[Hashable]) -> dict:
 def nll(logits: np.ndarray, y_true, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the true classes under softmax(logits / temperature)."""
     y = np.asarray(y_true)
+    from scipy.special import log_softmax
+
     return float(-log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)[np.arange(len(y)), y].mean())
 
 

@@ -88,8 +88,9 @@ def cuda_available() -> bool:
 
 def providers(device) -> list:
     """CUDA first on a CUDA device when this ONNX Runtime has it; CPU always."""
-    if getattr(device, "type", str(device)).startswith("cuda") and cuda_available():
-        return [("CUDAExecutionProvider", {"device_id": getattr(device, "index", None) or 0}), "CPUExecutionProvider"]
+    name = str(device)  # "cuda", "cuda:1", or a torch.device, which prints the same
+    if name.startswith("cuda") and cuda_available():
+        return [("CUDAExecutionProvider", {"device_id": int(name.partition(":")[2] or 0)}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

@@ -85,11 +85,11 @@ class WorkerLines:
     through a small queue actor: the workers' own output, which carries Ray Train's internal lines, stays in
     Ray's logs."""
 
-    def __init__(self, show: Callable[[str], None], bar: bool = True):
+    def __init__(self, show: Callable[[str], None]):
         from ray.util.queue import Queue
 
         self.print, self.queue = show, Queue(actor_options={"num_cpus": 0})
-        self.bar, self._bar = bar, None
+        self._bar = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._pump, daemon=True)
 
@@ -116,8 +116,6 @@ class WorkerLines:
         if not isinstance(line, Batches):
             self._close_bar()
             self.print(line)
-            return
-        if not self.bar:
             return
         if self._bar is None or self._bar.desc != line.epoch:
             from tqdm.auto import tqdm

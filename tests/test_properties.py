@@ -156,7 +156,7 @@ def test_arrays_give_a_documented_error_or_finite_features(x, rate):
     assert _usable(x), x.shape
     assert samples.ndim == 1 and samples.dtype == np.float32 and np.all(np.isfinite(samples))
     assert abs(len(samples) - len(x) * CFG.sample_rate / rate) <= 1
-    specs, starts, speech = window_features(samples, CFG)
+    specs, starts, speech = window_features(samples, CFG, source_dbfs=dbfs(x))
     _check_specs(specs, len(samples))
     assert starts.shape == speech.shape == (len(specs),) and speech.dtype == bool
 
@@ -167,14 +167,14 @@ def test_log_mel_and_windows_of_any_mono_signal(x):
     """Direct callers of the feature functions: NaN/inf is an AudioError, anything finite gives features."""
     if not np.all(np.isfinite(x)):
         with pytest.raises(AudioError, match="NaN or infinite"):
-            window_features(x, CFG)
+            window_features(x, CFG, source_dbfs=0.0)
         with pytest.raises(AudioError, match="NaN or infinite"):
             log_mel(x, CFG)
         return
     spec = log_mel(x, CFG)
     assert spec.shape == (CFG.n_mels, 1 + len(x) // CFG.hop_length)
     assert np.all(np.isfinite(spec)) and spec.min() >= 0.0 and spec.max() <= 1.0
-    specs, starts, speech = window_features(x, CFG)
+    specs, starts, speech = window_features(x, CFG, source_dbfs=dbfs(x))
     _check_specs(specs, len(x))
     cut = list(windows(x, CFG))
     assert [s for s, _, _ in cut] == [s / CFG.sample_rate for s in window_starts(len(x), CFG)] == starts.tolist()
