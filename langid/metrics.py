@@ -133,7 +133,8 @@ def per_group_accuracy(y_true, y_pred, groups: Sequence[Hashable]) -> dict:
     trials = pa.table({"group": pa.array(groups), "correct": np.asarray(y_true) == np.asarray(y_pred)})
     counts = trials.group_by("group", use_threads=False).aggregate([("correct", "count"), ("correct", "mean")])
     columns = (counts.column(name).to_pylist() for name in ("group", "correct_count", "correct_mean"))
-    return {g: {"n": n, "accuracy": a} for g, n, a in zip(*columns)}
+    found = {g: {"n": n, "accuracy": a} for g, n, a in zip(*columns)}
+    return {g: found[g] for g in dict.fromkeys(trials.column("group").to_pylist())}  # Arrow's group order is its own
 
 
 def nll(logits: np.ndarray, y_true, temperature: float = 1.0) -> float:

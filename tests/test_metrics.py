@@ -189,6 +189,20 @@ def test_per_group_accuracy():
     assert type(next(iter(per_group_accuracy([1], [1], np.array([7]))))) is int
 
 
+def test_per_group_accuracy_keeps_first_seen_order_when_groups_interleave():
+    """Speakers' trials interleave in a report: the table follows the first-seen order, not Arrow's own."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    speakers = [f"{rng.integers(0, 2 ** 63):032x}" for _ in range(36)]
+    groups = [speakers[i] for i in rng.permutation(np.repeat(np.arange(36), 3))]
+    seen = list(dict.fromkeys(groups))
+    arrow = pa.table({"g": groups}).group_by("g", use_threads=False).aggregate([]).column("g").to_pylist()
+    assert arrow != seen  # the premise: Arrow orders these groups its own way
+    out = per_group_accuracy([0] * len(groups), [0] * len(groups), groups)
+    assert list(out) == seen and all(v == {"n": 3, "accuracy": 1.0} for v in out.values())
+
+
 # --- temperature ---------------------------------------------------------------------------------
 
 def test_fit_temperature_recovers_a_known_temperature():
