@@ -237,6 +237,7 @@ def cmd_label(a: argparse.Namespace) -> int:
                         window_seconds=a.whisper_window, switch_penalty=a.switch_penalty)
     job = LabelJob(a.model, a.input, a.output, opts, segments=a.segments, parquet=a.parquet, all_files=a.all_files,
                    backend=a.backend, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
+                   threads_per_actor=a.threads_per_actor,
                    gpus_per_actor=a.gpus_per_actor, memory_per_actor=a.memory_per_actor,
                    cpus_per_task=a.cpus_per_task, batch_size=a.batch_size, progress=not a.quiet)
     how = init_ray(a.address, a.num_cpus, verbose=a.verbose)
@@ -366,8 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parquet", help="also write the result as Parquet with the full probability vector")
     p.add_argument("--all-files", action="store_true", help="label every file, not only audio extensions")
     p.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="refuse longer files (default %(default)s)")
-    p.add_argument("--actors", type=int, default=1, help="model actors (default %(default)s)")
+    p.add_argument("--actors", type=_positive_int, default=1, help="model actors (default %(default)s)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="(default %(default)s)")
+    p.add_argument("--threads-per-actor", type=int_at_least(0), default=0,
+                   help="the model's threads in each actor (default: twice --cpus-per-actor; the extra ones use "
+                        "the CPU decoding leaves idle)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 1 on GPU nodes (default %(default)s)")
     p.add_argument("--memory-per-actor", type=memory_size, default=0,
                    help="memory reserved per model actor, e.g. 2G (default: none reserved)")

@@ -77,6 +77,8 @@ def session_options(threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = ORT_ERROR
+    # idle threads sleep instead of spinning: a label actor's threads share their cores with decoding tasks
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 

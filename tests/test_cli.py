@@ -52,6 +52,21 @@ def test_bad_comma_lists_are_usage_errors(capsys, flag, text, words):
     assert capsys.readouterr().err.splitlines()[-1] == f"langid train: error: argument {flag}: {words}"
 
 
+def test_label_actor_threads_default_to_twice_the_reserved_cpus(capsys):
+    from langid.labeling import LabelJob, actor_threads
+
+    label = ["label", "--model", "m", "--input", "in", "--output", "out.csv"]
+    a = build_parser().parse_args(label)
+    assert actor_threads(LabelJob("m", "in", "out.csv", threads_per_actor=a.threads_per_actor,
+                                  cpus_per_actor=a.cpus_per_actor)) == 2
+    assert actor_threads(LabelJob("m", "in", "out.csv", cpus_per_actor=0.5)) == 2
+    assert actor_threads(LabelJob("m", "in", "out.csv", cpus_per_actor=4)) == 8
+    assert build_parser().parse_args([*label, "--threads-per-actor", "3"]).threads_per_actor == 3
+    with pytest.raises(SystemExit):
+        main([*label, "--threads-per-actor=-1"])
+    assert "argument --threads-per-actor: must be at least 0, got -1" in capsys.readouterr().err
+
+
 def _fail_loading(monkeypatch, error: Exception) -> list[str]:
     """`langid predict` whose model loading raises `error`."""
     import langid.inference

@@ -253,3 +253,12 @@ def test_cli_backend_flag(tmp_path, cache, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["predict", "a.wav", "--model", "m", "--backend", "tensorrt"])
     assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
+def test_session_threads_sleep_instead_of_spinning():
+    """A label actor's threads share their cores with decoding tasks: idle ones must yield the CPU."""
+    from langid.onnxmodel import session_options
+
+    so = session_options(2)
+    assert so.intra_op_num_threads == 2
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
