@@ -231,7 +231,8 @@ def cmd_label(a: argparse.Namespace) -> int:
     from langid.labeling import LabelJob, LabelOptions, label
     from langid.runtime import init_ray
 
-    check_languages(a.languages, describe_model(a.model, a.whisper_window, a.backend)["labels"])  # before Ray
+    meta = describe_model(a.model, a.whisper_window, a.backend)  # a bad model or language fails before Ray starts
+    check_languages(a.languages, meta["labels"])
     opts = LabelOptions(languages=a.languages, min_confidence=a.min_confidence, top_k=a.top_k,
                         overlap=a.overlap, probabilities=a.probabilities, max_seconds=a.max_seconds,
                         window_seconds=a.whisper_window, switch_penalty=a.switch_penalty)
@@ -243,7 +244,7 @@ def cmd_label(a: argparse.Namespace) -> int:
     how = init_ray(a.address, a.num_cpus, verbose=a.verbose)
     if a.verbose:
         print(f"langid label: {how}", file=sys.stderr)
-    print(label(job).summary())
+    print(label(job, meta).summary())
     return 0
 
 

@@ -352,15 +352,15 @@ def run_label(model_dir: str, input_spec: str, output: str, opts: LabelOptions =
     return label(LabelJob(model_dir, input_spec, output, opts, **job))
 
 
-def label(job: LabelJob) -> LabelResult:
+def label(job: LabelJob, meta: Optional[dict] = None) -> LabelResult:
     """The job's steps: check the model, resume the outputs, plan the inputs, stream them through the pipeline,
-    publish the finished files."""
+    publish the finished files. `meta`: the model's describe_model(), when the caller has already checked it."""
     from tqdm.auto import tqdm
 
     from langid.inference import check_languages, describe_model  # here: decode tasks need no torch
 
     t0 = time.perf_counter()
-    meta = describe_model(job.model, job.options.window_seconds, job.backend)
+    meta = meta or describe_model(job.model, job.options.window_seconds, job.backend)
     check_languages(job.options.languages, meta["labels"])
     if job.parquet and not job.options.probabilities:  # the Parquet output carries the full probability vector
         job = replace(job, options=replace(job.options, probabilities=True))
