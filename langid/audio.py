@@ -137,8 +137,8 @@ def normalize(samples: np.ndarray, target_dbfs: float = TARGET_RMS_DBFS) -> np.n
     return out.astype(np.float32, copy=False)
 
 
-def from_array(samples: np.ndarray, rate: float, sample_rate: int = FeatureConfig.sample_rate) -> np.ndarray:
-    """Mono, level-normalised float32 at `sample_rate` from an array of (frames,) or (frames, channels) at `rate`.
+def mono_array(samples: np.ndarray, rate: float) -> np.ndarray:
+    """Mono float32 from an array of (frames,) or (frames, channels) at `rate`, checked.
 
     Raises AudioError for an array that cannot be audio (empty, NaN/inf, more than two dimensions).
     """
@@ -153,8 +153,14 @@ def from_array(samples: np.ndarray, rate: float, sample_rate: int = FeatureConfi
         raise AudioError("audio contains NaN or infinite samples")
     if x.ndim == 2:
         x = downmix(x) if x.shape[1] > 1 else x[:, 0]
+    return x
+
+
+def from_array(samples: np.ndarray, rate: float, sample_rate: int = FeatureConfig.sample_rate) -> np.ndarray:
+    """Mono, level-normalised float32 at `sample_rate` from an array of (frames,) or (frames, channels) at `rate`
+    (checked as `mono_array` does)."""
     # level first: a float file may hold values near float32's limit, which the resampling filter would overflow
-    return resample(normalize(x), rate, sample_rate)
+    return resample(normalize(mono_array(samples, rate)), rate, sample_rate)
 
 
 def load_audio(source: Source, sample_rate: int = FeatureConfig.sample_rate,
@@ -166,15 +172,15 @@ def load_audio(source: Source, sample_rate: int = FeatureConfig.sample_rate,
 
 def audio_from_array(raw: np.ndarray, rate: float, sample_rate: int = FeatureConfig.sample_rate,
                      channels: int | None = None) -> Audio:
-    """An `Audio` (samples as `from_array` makes them, and the source's level) from decoded samples."""
-    samples = from_array(raw, rate, sample_rate)
-    raw = np.asarray(raw, dtype=np.float32)
+    """An `Audio` (samples as `from_array` makes them, and the source's level) from decoded samples. The level is
+    the mono mix's, as for a decoded file (whose channels are mixed while it is read)."""
+    mono = mono_array(raw, rate)
     return Audio(
-        samples=samples,
+        samples=resample(normalize(mono), rate, sample_rate),
         sample_rate=sample_rate,
         source_sample_rate=rate,
-        source_channels=channels or (raw.shape[1] if raw.ndim == 2 else 1),
-        duration=len(raw) / rate,
-        peak_dbfs=20.0 * np.log10(max(float(np.max(np.abs(raw))), 1e-10)),
-        rms_dbfs=dbfs(raw),
+        source_channels=channels or (np.shape(raw)[1] if np.ndim(raw) == 2 else 1),
+        duration=len(mono) / rate,
+        peak_dbfs=20.0 * np.log10(max(float(np.max(np.abs(mono))), 1e-10)),
+        rms_dbfs=dbfs(mono),
     )

@@ -205,6 +205,21 @@ def test_stereo_downmix_is_mean(tmp_path):
     assert a.source_channels == 2 and a.samples.ndim == 1
 
 
+def test_an_arrays_level_is_its_mono_mix_as_a_files_is(tmp_path):
+    """predict() on a stereo array and on the same samples in a file decide speech from the same level: a pair of
+    channels in opposite phase mixes to silence either way."""
+    from langid.audio import audio_from_array
+
+    x = tone(220, 1.0, 16000, amplitude=0.5)
+    stereo = np.stack([x, -x], axis=1)
+    path = tmp_path / "opposite.wav"
+    sf.write(path, stereo, 16000, subtype="FLOAT")
+    from_file, from_array = load_audio(str(path)), audio_from_array(stereo, 16000)
+    assert from_array.source_channels == from_file.source_channels == 2
+    assert from_array.rms_dbfs == pytest.approx(from_file.rms_dbfs, abs=0.1)
+    assert from_array.rms_dbfs < -100  # the mix, not the channels (each at -9 dBFS)
+
+
 @pytest.mark.parametrize("rate, seconds", [(44100, 1.0), (8000, 1.0), (48000, 2.5), (22050, 0.3), (16000, 1.7)])
 def test_resample_length(tmp_path, rate, seconds):
     path = write_wav(tmp_path / f"r{rate}.wav", tone(440.0, seconds, rate), rate)
