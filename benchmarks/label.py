@@ -11,8 +11,8 @@ Throughput (the default) measures, on the same machine and in the same run:
     mono FLAC clips (the Kaggle set's kind, named as it), given as @list files; and on 10 generated files of 60 s.
     Reported: wall s, files/s and its ratio to the limit; time to the first rows (start-up); the steady rate from
     the first rows to the last and its ratio; the tail (publishing); where the CPU went, per process role.
-With --memory it instead labels 1,000 and 10,000 one-second files (hard links to one clip, given as an
-@list) and samples the resident memory of this process plus every Ray process it started.
+With --memory it instead labels 1,000 and 10,000 one-second files (hard links to one clip per 50,000 files, given
+as an @list) and samples the resident memory of this process plus every Ray process it started.
 
     python benchmarks/label.py                 # 2,000 and 10,000 clips of 10 s + 10 files of 60 s
     python benchmarks/label.py --quick         # a smoke run (50 clips), not a measurement
@@ -531,13 +531,13 @@ def memory(a: argparse.Namespace, tmp: str, facts: dict) -> tuple[str, dict]:
     # 1-s windows and 32 mels: 10,000 files in minutes; memory is about the number of files, not the model
     cfg = FeatureConfig(window_seconds=1.0, n_mels=32)
     model = random_model(os.path.join(tmp, "model"), cfg)
-    make_clips(os.path.join(tmp, "one"), 1, 1.0, a.seed)
-    source = os.path.join(tmp, "one", "clip00000.flac")
+    counts = sorted(a.memory_files)
+    sources = -(-max(counts) // 50_000)  # ext4 allows 65,000 links to one file
+    make_clips(os.path.join(tmp, "one"), sources, 1.0, a.seed)
     links = os.path.join(tmp, "links")
     os.makedirs(links)
-    counts = sorted(a.memory_files)
     for i in range(max(counts)):
-        os.link(source, os.path.join(links, f"c{i:06d}.flac"))
+        os.link(os.path.join(tmp, "one", f"clip{i % sources:05d}.flac"), os.path.join(links, f"c{i:06d}.flac"))
     fresh_ray(a.num_cpus)  # one Ray for both runs: the baseline before each includes it
     facts.update(wait_for_quiet(a.max_load, up_to=a.max_wait, log=lambda m: print(m, file=sys.stderr, flush=True)))
     runs = []
@@ -568,8 +568,8 @@ def memory(a: argparse.Namespace, tmp: str, facts: dict) -> tuple[str, dict]:
         "RSS summed over this process and every process it started (embedded Ray: GCS, raylet, workers), "
         "sampled every 0.25 s with psutil. Shared pages (Ray's object "
         "store, libraries) count once per process, so the sum is an upper bound; what matters is the change "
-        "with the number of files. Inputs: hard links to one 1-s clip listed in an @list file; model: resnet18, "
-        "1-s windows, 32 mels, random weights.", "", "## Goal", "",
+        "with the number of files. Inputs: hard links to 1-s clips (one per 50,000 files) listed in an @list file; "
+        "model: resnet18, 1-s windows, 32 mels, random weights.", "", "## Goal", "",
         f"- {verdict}: peak RSS at {large['files']:,} files is {delta:+.0f} MiB from {small['files']:,} files "
         f"({per_file:+.2f} KiB per extra file); goal: no growth beyond noise (taken as {noise:.0f} MiB).",
         *([f"- {sum(r['errors'] for r in runs)} error rows (should be 0)"] if any(r["errors"] for r in runs) else [])])
