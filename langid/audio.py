@@ -159,8 +159,12 @@ def mono_array(samples: np.ndarray, rate: float) -> np.ndarray:
 def from_array(samples: np.ndarray, rate: float, sample_rate: int = FeatureConfig.sample_rate) -> np.ndarray:
     """Mono, level-normalised float32 at `sample_rate` from an array of (frames,) or (frames, channels) at `rate`
     (checked as `mono_array` does)."""
+    return _normalised(mono_array(samples, rate), rate, sample_rate)
+
+
+def _normalised(mono: np.ndarray, rate: float, sample_rate: int) -> np.ndarray:
     # level first: a float file may hold values near float32's limit, which the resampling filter would overflow
-    return resample(normalize(mono_array(samples, rate)), rate, sample_rate)
+    return resample(normalize(mono), rate, sample_rate)
 
 
 def load_audio(source: Source, sample_rate: int = FeatureConfig.sample_rate,
@@ -176,7 +180,7 @@ def audio_from_array(raw: np.ndarray, rate: float, sample_rate: int = FeatureCon
     the mono mix's, as for a decoded file (whose channels are mixed while it is read)."""
     mono = mono_array(raw, rate)
     return Audio(
-        samples=resample(normalize(mono), rate, sample_rate),
+        samples=_normalised(mono, rate, sample_rate),
         sample_rate=sample_rate,
         source_sample_rate=rate,
         source_channels=channels or (np.shape(raw)[1] if np.ndim(raw) == 2 else 1),
